@@ -1,0 +1,119 @@
+"""MEFTConfig: every setting of a MEFT conversion, validated when the object is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+# lam and beta per variant, from the reference setup (METHOD.md, "The three variants").
+VARIANT_FACTORS = {
+    "meft1": (0.1, 1.0),
+    "meft2": (1.0, 0.1),
+    "meft3": (0.1, 0.1),
+}
+BACKWARD_MODES = ("reversible", "vanilla")
+ADAPTER_INITS = ("normal", "zero_up")
+STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class MEFTConfig:
+    """How a pretrained model is made reversible.
+
+    Raises ValueError on any invalid value, naming the field and what would be valid.
+    Checks that need the model (e.g. more frozen layers than it has) happen in `make_reversible`.
+    """
+
+    variant: str = field(default="meft1", metadata={"help": "meft1 | meft2 | meft3 (METHOD.md table)."})
+    adapter_dim: int = field(default=8, metadata={"help": "Bottleneck width r of every adapter."})
+    lam: float | None = field(
+        default=None, metadata={"help": "Factor on stream x1 (y1 = lam*x1 + F(x2)); None = variant default."}
+    )
+    beta: float | None = field(
+        default=None, metadata={"help": "Factor on stream x2 (y2 = beta*x2 + G(y1)); None = variant default."}
+    )
+    num_frozen_layers: int = field(
+        default=0,
+        metadata={"help": "Lowest layers of each stack kept as original frozen layers, run without gradient."},
+    )
+    num_reversible_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "How many MEFT layers (from the bottom, above the frozen ones) use the reversible backward; "
+            "None = all. The rest use ordinary cached autograd."
+        },
+    )
+    adapter_init: str = field(
+        default="normal",
+        metadata={"help": "normal: both adapter matrices N(0, adapter_init_std^2) (reference); "
+                  "zero_up: up-projection zero, so the converted model starts exactly at its streams' value."},
+    )
+    adapter_init_std: float = field(default=0.02, metadata={"help": "Std of the normal adapter init."})
+    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout inside each adapter."})
+    stream_dtype: str = field(
+        default="float32", metadata={"help": "dtype the two streams and the coupling arithmetic use: float32 | float64."}
+    )
+    backward: str = field(
+        default="reversible",
+        metadata={"help": "reversible: rebuild inputs in backward; vanilla: ordinary cached autograd (same weights)."},
+    )
+
+    def __post_init__(self):
+        if self.variant not in VARIANT_FACTORS:
+            raise ValueError(f"MEFTConfig.variant={self.variant!r} is unknown; use one of {sorted(VARIANT_FACTORS)}.")
+        default_lam, default_beta = VARIANT_FACTORS[self.variant]
+        self.lam = default_lam if self.lam is None else float(self.lam)
+        self.beta = default_beta if self.beta is None else float(self.beta)
+        for name in ("lam", "beta"):
+            value = getattr(self, name)
+            # The inverse divides by the factor; 0 is not invertible and a negative one flips the stream.
+            if not (0.0 < value <= 1.0):
+                raise ValueError(
+                    f"MEFTConfig.{name}={value} must be in (0, 1]: the reversible inverse divides by it "
+                    f"(the {self.variant} default is {VARIANT_FACTORS[self.variant]})."
+                )
+        if not isinstance(self.adapter_dim, int) or self.adapter_dim < 1:
+            raise ValueError(f"MEFTConfig.adapter_dim={self.adapter_dim!r} must be a positive integer (e.g. 8).")
+        if not isinstance(self.num_frozen_layers, int) or self.num_frozen_layers < 0:
+            raise ValueError(f"MEFTConfig.num_frozen_layers={self.num_frozen_layers!r} must be an integer >= 0.")
+        if self.num_reversible_layers is not None and (
+            not isinstance(self.num_reversible_layers, int) or self.num_reversible_layers < 0
+        ):
+            raise ValueError(
+                f"MEFTConfig.num_reversible_layers={self.num_reversible_layers!r} must be None (all) or an integer >= 0."
+            )
+        if self.adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"MEFTConfig.adapter_init={self.adapter_init!r} is unknown; use one of {ADAPTER_INITS}.")
+        if self.adapter_init_std < 0:
+            raise ValueError(f"MEFTConfig.adapter_init_std={self.adapter_init_std} must be >= 0.")
+        if not (0.0 <= self.adapter_dropout < 1.0):
+            raise ValueError(f"MEFTConfig.adapter_dropout={self.adapter_dropout} must be in [0, 1).")
+        if self.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"MEFTConfig.stream_dtype={self.stream_dtype!r} is unknown; use one of {list(STREAM_DTYPES)}.")
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"MEFTConfig.backward={self.backward!r} is unknown; use one of {BACKWARD_MODES}.")
+
+    @property
+    def torch_stream_dtype(self) -> torch.dtype:
+        return STREAM_DTYPES[self.stream_dtype]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MEFTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Unknown MEFTConfig field(s) {sorted(unknown)}; known fields: {sorted(known)}.")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MEFTConfig":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,137 @@
+"""make_reversible / set_backward: turn a Hugging Face model's layer lists into MEFT stacks, in place."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .adapters import Adapter, SerialAdapter
+from .config import BACKWARD_MODES, MEFTConfig
+from .models import Family, family_for
+from .reversible import MEFTLayer, MEFTStack
+
+
+class _Block:
+    """F or G of a MEFT layer: a picklable callable over the layer's modules (no module references kept).
+
+    kind: "layer" (attention then FFN with parallel adapter), "attention" (with the serial adapter that
+    sits inside its output projection), "ffn" (with parallel adapter), "adapter" (stand-alone adapter).
+    """
+
+    def __init__(self, family: Family, kind: str):
+        self.family, self.kind = family, kind
+
+    def __call__(self, owner: MEFTLayer, hidden_states, inputs):
+        layer = owner.layer
+        if self.kind == "adapter":
+            return owner.adapter(hidden_states)
+        if self.kind == "attention":
+            return self.family.attention(layer, hidden_states, inputs)
+        if self.kind == "ffn":
+            return self.family.ffn(layer, hidden_states, layer.meft_ffn_adapter)
+        return self.family.ffn(layer, self.family.attention(layer, hidden_states, inputs), layer.meft_ffn_adapter)
+
+
+# variant -> (F kind, G kind, streams switched, index of the stream carrying the last pretrained block)
+# MEFT1: y1 = F(x2) is the pretrained layer and is passed on as x2; MEFT2: y2 = G(y1) is, passed on as x1;
+# MEFT3: y2 = FFN block output, passed on unswitched as x2 (METHOD.md, "The three variants").
+_VARIANTS = {
+    "meft1": ("layer", "adapter", True, 1),
+    "meft2": ("adapter", "layer", True, 0),
+    "meft3": ("attention", "ffn", False, 1),
+}
+
+
+def _make_adapter(config: MEFTConfig, model_config, reference: nn.Module, family: Family) -> Adapter:
+    weight = next(reference.parameters())
+    adapter = Adapter(model_config.hidden_size, config.adapter_dim, family.activation(model_config),
+                      config.adapter_dropout, config.adapter_init, config.adapter_init_std)
+    return adapter.to(device=weight.device, dtype=weight.dtype)
+
+
+def _convert_layer(layer: nn.Module, config: MEFTConfig, model_config, family: Family) -> MEFTLayer:
+    f_kind, g_kind, switched, _ = _VARIANTS[config.variant]
+    if config.variant == "meft3":
+        parent, name = family.output_projection(layer)
+        setattr(parent, name, SerialAdapter(getattr(parent, name), _make_adapter(config, model_config, layer, family)))
+    layer.meft_ffn_adapter = _make_adapter(config, model_config, layer, family)
+    standalone = _make_adapter(config, model_config, layer, family) if "adapter" in (f_kind, g_kind) else None
+    return MEFTLayer(layer, standalone, _Block(family, f_kind), _Block(family, g_kind),
+                     config.lam, config.beta, switched)
+
+
+def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
+    """Convert `model` in place into a MEFT model and return it.
+
+    Every layer list of the model (BART: encoder and decoder, each on its own) becomes one MEFTStack:
+    its lowest `num_frozen_layers` layers stay original and run without gradient, the next
+    `num_reversible_layers` become reversible MEFT layers and the rest cached MEFT layers.
+    Afterwards only adapters, the stream mix and the task head require grad.
+
+    Raises ValueError for an unsupported model_type (listing the supported ones), a model converted
+    twice, or layer counts that do not fit the model.
+    """
+    if not isinstance(config, MEFTConfig):
+        raise TypeError(f"make_reversible needs a MEFTConfig, got {type(config).__name__}.")
+    if getattr(model, "meft_config", None) is not None:
+        raise ValueError("This model is already reversible (make_reversible was called on it before).")
+    family = family_for(model)
+    model_config = model.config
+    family.check_config(model_config)
+    sites = family.sites(model)
+    for site in sites:
+        num_layers = len(getattr(site.parent, site.attribute))
+        if config.num_frozen_layers >= num_layers:
+            raise ValueError(
+                f"num_frozen_layers={config.num_frozen_layers} leaves no MEFT layer in the {site.name} "
+                f"({num_layers} layers); use at most {num_layers - 1}."
+            )
+        num_meft = num_layers - config.num_frozen_layers
+        if config.num_reversible_layers is not None and config.num_reversible_layers > num_meft:
+            raise ValueError(
+                f"num_reversible_layers={config.num_reversible_layers} exceeds the {num_meft} MEFT layers of the "
+                f"{site.name} ({num_layers} layers, {config.num_frozen_layers} frozen); use at most {num_meft} or None."
+            )
+
+    model.requires_grad_(False)
+    for site in sites:
+        layers = list(getattr(site.parent, site.attribute))
+        if getattr(site.parent, "layerdrop", 0.0):
+            warnings.warn(f"MEFT runs every layer: setting {site.name} layerdrop from {site.parent.layerdrop} to 0.")
+            site.parent.layerdrop = 0.0
+        frozen, convertible = layers[: config.num_frozen_layers], layers[config.num_frozen_layers:]
+        meft_layers = [_convert_layer(layer, config, model_config, family) for layer in convertible]
+        num_reversible = len(meft_layers) if config.num_reversible_layers is None else config.num_reversible_layers
+        stack = MEFTStack(
+            frozen, meft_layers, num_reversible, main_stream=_VARIANTS[config.variant][3],
+            stream_dtype=config.torch_stream_dtype, backward=config.backward,
+            prepare_inputs=family.input_binder(layers[0]), run_frozen=family.run_frozen,
+        )
+        weight = next(layers[0].parameters())
+        stack.mix.data = stack.mix.data.to(device=weight.device, dtype=weight.dtype)
+        setattr(site.parent, site.attribute, nn.ModuleList([stack]))
+
+    for module in model.modules():
+        if isinstance(module, (Adapter, MEFTStack)):
+            for name, param in module.named_parameters(recurse=isinstance(module, Adapter)):
+                param.requires_grad_(True)
+    for name in family.head_names:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            head.requires_grad_(True)
+    model.meft_config = config
+    return model
+
+
+def set_backward(model: nn.Module, mode: str) -> nn.Module:
+    """Pick how every MEFT stack of `model` is differentiated: "reversible" or "vanilla" (cached)."""
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode {mode!r} is unknown; use one of {BACKWARD_MODES}.")
+    stacks = [m for m in model.modules() if isinstance(m, MEFTStack)]
+    if not stacks:
+        raise ValueError("set_backward needs a model converted by make_reversible; this one has no MEFT stack.")
+    for stack in stacks:
+        stack.backward_mode = mode
+    model.meft_config.backward = mode
+    return model

@@ -1,0 +1,26 @@
+"""Registry of supported model families, keyed by Hugging Face `config.model_type`."""
+
+from __future__ import annotations
+
+from .bart import BartFamily
+from .base import Family, StackSite
+from .bert import BertFamily
+from .llama import LlamaFamily
+from .opt import OPTFamily
+
+REGISTRY: dict[str, Family] = {}
+for _family in (BertFamily(), BartFamily(), OPTFamily(), LlamaFamily()):
+    for _model_type in _family.model_types:
+        REGISTRY[_model_type] = _family
+
+
+def family_for(model) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in REGISTRY:
+        raise ValueError(
+            f"meft_ds cannot convert model_type={model_type!r}; supported model_types: {sorted(REGISTRY)}."
+        )
+    return REGISTRY[model_type]
+
+
+__all__ = ["Family", "StackSite", "REGISTRY", "family_for"]
