@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing (scripts/bootstrap.sh), then runs the whole suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"` or `... tests/test_gradients.py`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+export HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+# DeepSpeed compiles its CPU communication op once per machine; keep that cache out of the repo.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/meft_ds/torch_extensions}"
+exec "${MEFT_VENV:-$ROOT/.venv}/bin/python" -m pytest -q "$@"

@@ -1,0 +1,56 @@
+"""Activation memory is flat in depth in reversible mode and grows in vanilla mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import build, make_batch
+from meft_ds import MEFTConfig, make_reversible, set_backward
+from meft_ds.memory import SavedTensorCounter
+
+
+def saved_bytes(model, batch, mode):
+    set_backward(model, mode)
+    model.train()
+    with SavedTensorCounter(model) as counter:
+        loss = model(**batch).loss
+    loss.backward()
+    return counter.bytes
+
+
+def test_counter_sees_what_autograd_saves_and_skips_parameters():
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorCounter(linear) as counter:
+        linear(x).sum()
+    assert counter.bytes == x.numel() * 4  # the input only; the weight is a parameter
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("model_type,head", [("bert", tf.BertForSequenceClassification),
+                                             ("opt", tf.OPTForCausalLM), ("llama", tf.LlamaForCausalLM),
+                                             ("bart", tf.BartForConditionalGeneration)])
+def test_reversible_memory_flat_in_depth(model_type, head, variant):
+    results = {}
+    for depth in (4, 16):
+        model = build(model_type, head, num_layers=depth, dtype=torch.float32)
+        make_reversible(model, MEFTConfig(variant=variant))
+        batch = make_batch(model, batch_size=4, seq_len=32)
+        results[depth] = {mode: saved_bytes(model, batch, mode) for mode in ("reversible", "vanilla")}
+    rev_ratio = results[16]["reversible"] / results[4]["reversible"]
+    vanilla_ratio = results[16]["vanilla"] / results[4]["vanilla"]
+    assert rev_ratio <= 1.2, f"reversible saved bytes grew {rev_ratio:.2f}x from 4 to 16 layers: {results}"
+    assert vanilla_ratio > 2.0, f"vanilla should grow with depth: {results}"
+    assert results[16]["reversible"] < results[16]["vanilla"] / 3
+
+
+def test_cached_layers_on_top_cost_memory_again():
+    """num_reversible_layers splits the stack: only the cached part grows."""
+    sizes = {}
+    for num_reversible in (8, 4, 0):
+        model = build("bert", tf.BertForSequenceClassification, num_layers=8, dtype=torch.float32)
+        make_reversible(model, MEFTConfig(num_reversible_layers=num_reversible))
+        sizes[num_reversible] = saved_bytes(model, make_batch(model, 4, 32), "reversible")
+    assert sizes[8] < sizes[4] < sizes[0]
