@@ -15,6 +15,7 @@ VARIANT_FACTORS = {
     "meft3": (0.1, 0.1),
 }
 BACKWARD_MODES = ("reversible", "vanilla")
+STREAM_ARITHMETICS = ("exact", "float")
 ADAPTER_INITS = ("normal", "zero_up")
 STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -56,6 +57,14 @@ class MEFTConfig:
     stream_dtype: str = field(
         default="float32", metadata={"help": "dtype the two streams and the coupling arithmetic use: float32 | float64."}
     )
+    stream_arithmetic: str = field(
+        default="float",
+        metadata={"help": "exact: int64 fixed-point streams with kept remainders, bit-exact reconstruction at "
+                  "any depth (lam and beta must be 1/m, m an integer <= 255); float: the paper's arithmetic."},
+    )
+    frac_bits: int = field(
+        default=32, metadata={"help": "Fractional bits of the exact fixed-point streams (|hidden| < 2^(62-frac_bits))."}
+    )
     backward: str = field(
         default="reversible",
         metadata={"help": "reversible: rebuild inputs in backward; vanilla: ordinary cached autograd (same weights)."},
@@ -93,6 +102,22 @@ class MEFTConfig:
             raise ValueError(f"MEFTConfig.adapter_dropout={self.adapter_dropout} must be in [0, 1).")
         if self.stream_dtype not in STREAM_DTYPES:
             raise ValueError(f"MEFTConfig.stream_dtype={self.stream_dtype!r} is unknown; use one of {list(STREAM_DTYPES)}.")
+        if self.stream_arithmetic not in STREAM_ARITHMETICS:
+            raise ValueError(
+                f"MEFTConfig.stream_arithmetic={self.stream_arithmetic!r} is unknown; use one of {STREAM_ARITHMETICS}."
+            )
+        if not isinstance(self.frac_bits, int) or not (8 <= self.frac_bits <= 48):
+            raise ValueError(f"MEFTConfig.frac_bits={self.frac_bits!r} must be an integer in [8, 48] (e.g. 32).")
+        if self.stream_arithmetic == "exact":
+            for name in ("lam", "beta"):
+                value = getattr(self, name)
+                divisor = round(1.0 / value)
+                if abs(1.0 / value - divisor) > 1e-9 or divisor > 255:
+                    raise ValueError(
+                        f"MEFTConfig.{name}={value} is not 1/m for an integer m <= 255, which the exact stream "
+                        f"arithmetic needs (e.g. 0.1 = 1/10, 0.125 = 1/8); choose such a value or "
+                        f"stream_arithmetic='float'."
+                    )
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"MEFTConfig.backward={self.backward!r} is unknown; use one of {BACKWARD_MODES}.")
 

@@ -9,6 +9,7 @@ from torch import nn
 from .adapters import Adapter, SerialAdapter
 from .config import BACKWARD_MODES, MEFTConfig
 from .models import Family, family_for
+from .coupling import ExactCoupling, FloatCoupling
 from .reversible import MEFTLayer, MEFTStack
 
 
@@ -61,6 +62,12 @@ def _convert_layer(layer: nn.Module, config: MEFTConfig, model_config, family: F
                      config.lam, config.beta, switched)
 
 
+def _coupling(config: MEFTConfig):
+    if config.stream_arithmetic == "exact":
+        return ExactCoupling(config.torch_stream_dtype, config.frac_bits)
+    return FloatCoupling(config.torch_stream_dtype)
+
+
 def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
     """Convert `model` in place into a MEFT model and return it.
 
@@ -105,7 +112,7 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
         num_reversible = len(meft_layers) if config.num_reversible_layers is None else config.num_reversible_layers
         stack = MEFTStack(
             frozen, meft_layers, num_reversible, main_stream=_VARIANTS[config.variant][3],
-            stream_dtype=config.torch_stream_dtype, backward=config.backward,
+            coupling=_coupling(config), backward=config.backward,
             prepare_inputs=family.input_binder(layers[0]), run_frozen=family.run_frozen,
         )
         weight = next(layers[0].parameters())

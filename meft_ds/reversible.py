@@ -27,24 +27,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .coupling import Stream
+
 # F or G: called as block(meft_layer, hidden_states, inputs) -> hidden_states.
 BlockFn = Callable[["MEFTLayer", torch.Tensor, dict], torch.Tensor]
-
-
-class FloatCoupling:
-    """Equations (1)-(4) in floating point; the stream dtype is the dtype of the tensors given.
-
-    This is the one place the stream arithmetic lives; an exactly invertible arithmetic replaces it.
-    """
-
-    @staticmethod
-    def combine(x: torch.Tensor, block_out: torch.Tensor, factor: float) -> torch.Tensor:
-        return x + block_out if factor == 1.0 else factor * x + block_out
-
-    @staticmethod
-    def split(y: torch.Tensor, block_out: torch.Tensor, factor: float) -> torch.Tensor:
-        diff = y - block_out
-        return diff if factor == 1.0 else diff / factor
 
 
 @contextlib.contextmanager
@@ -86,13 +72,18 @@ def _restored_autocast(states: list[tuple[str, bool, torch.dtype]]):
         yield
 
 
+class ReconstructionError(RuntimeError):
+    """A layer input rebuilt in backward differs from the forward's (exact arithmetic only)."""
+
+
 class MEFTLayer(nn.Module):
     """One reversible coupling: F, G, lam, beta and whether the streams are switched on the way out.
 
     `layer` is the original pretrained layer (adapters attached inside it) and `adapter` the
     stand-alone adapter of MEFT1/2; F and G are callables over them supplied by the model family.
-    Streams come in and go out in the stream dtype; F and G run in `compute_dtype` (the dtype the
-    model's own hidden states have, e.g. bf16 under DeepSpeed) and are upcast before coupling.
+    Streams (see coupling.py) carry float values in the stream dtype; F and G run in `compute_dtype`
+    (the dtype of the model's own hidden states, e.g. bf16 under DeepSpeed) and are upcast before
+    coupling. `coupling` is the stream arithmetic, set by the stack.
     """
 
     def __init__(self, layer: nn.Module, adapter: nn.Module | None, f: BlockFn, g: BlockFn,
@@ -102,21 +93,23 @@ class MEFTLayer(nn.Module):
         self.adapter = adapter
         self.f, self.g = f, g
         self.lam, self.beta, self.switched = lam, beta, switched
-        self.coupling = FloatCoupling
+        self.coupling = None
 
-    def run_block(self, block: BlockFn, stream: torch.Tensor, inputs: dict, seed: int | None,
+    def run_block(self, block: BlockFn, value: torch.Tensor, inputs: dict, seed: int | None,
                   compute_dtype: torch.dtype) -> torch.Tensor:
-        with seeded_rng(seed, stream.device):
-            out = block(self, stream.to(compute_dtype), inputs)
-        return out.to(stream.dtype)
+        with seeded_rng(seed, value.device):
+            out = block(self, value.to(compute_dtype), inputs)
+        return out.to(value.dtype)
 
-    def forward(self, x1, x2, inputs, seeds, compute_dtype):
-        """Equations (1), (2); returns the streams as the next layer receives them."""
-        y1 = self.coupling.combine(x1, self.run_block(self.f, x2, inputs, seeds[0], compute_dtype), self.lam)
-        y2 = self.coupling.combine(x2, self.run_block(self.g, y1, inputs, seeds[1], compute_dtype), self.beta)
-        return (y2, y1) if self.switched else (y1, y2)
+    def forward(self, x1: Stream, x2: Stream, inputs, seeds, compute_dtype):
+        """Equations (1), (2); returns the streams as the next layer receives them, and the side buffers."""
+        y1, side1 = self.coupling.combine(x1, self.run_block(self.f, x2.value, inputs, seeds[0], compute_dtype),
+                                          self.lam)
+        y2, side2 = self.coupling.combine(x2, self.run_block(self.g, y1.value, inputs, seeds[1], compute_dtype),
+                                          self.beta)
+        return ((y2, y1) if self.switched else (y1, y2)), (side1, side2)
 
-    def backward_step(self, out1, out2, dout1, dout2, inputs, seeds, compute_dtype):
+    def backward_step(self, out1: Stream, out2: Stream, dout1, dout2, sides, inputs, seeds, compute_dtype):
         """Rebuild this layer's input from its output and propagate gradients, eqs. (3)-(7).
 
         Parameter gradients are produced with torch.autograd.backward so that they arrive through
@@ -124,17 +117,17 @@ class MEFTLayer(nn.Module):
         """
         y1, y2, dy1, dy2 = (out2, out1, dout2, dout1) if self.switched else (out1, out2, dout1, dout2)
         with torch.enable_grad():
-            y1_leaf = y1.detach().requires_grad_(True)
+            y1_leaf = y1.value.detach().requires_grad_(True)
             g_out = self.run_block(self.g, y1_leaf, inputs, seeds[1], compute_dtype)
             torch.autograd.backward(g_out, dy2)
         dy1_total = dy1 + y1_leaf.grad                                            # (5)
-        x2 = self.coupling.split(y2, g_out.detach(), self.beta)                    # (3)
+        x2 = self.coupling.split(y2, g_out.detach(), self.beta, sides[1])          # (3)
         with torch.enable_grad():
-            x2_leaf = x2.detach().requires_grad_(True)
+            x2_leaf = x2.value.detach().requires_grad_(True)
             f_out = self.run_block(self.f, x2_leaf, inputs, seeds[0], compute_dtype)
             torch.autograd.backward(f_out, dy1_total)
         dx2 = self.beta * dy2 + x2_leaf.grad                                       # (6)
-        x1 = self.coupling.split(y1, f_out.detach(), self.lam)                     # (4)
+        x1 = self.coupling.split(y1, f_out.detach(), self.lam, sides[0])           # (4)
         dx1 = self.lam * dy1_total                                                 # (7)
         return x1, x2, dx1, dx2
 
@@ -142,39 +135,71 @@ class MEFTLayer(nn.Module):
 class _StackRun:
     """What one forward of the reversible part needs again in backward (no tensors: those are saved)."""
 
-    def __init__(self, layers, seeds, compute_dtype, rebuild):
+    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index):
         self.layers, self.seeds, self.compute_dtype, self.rebuild = layers, seeds, compute_dtype, rebuild
+        self.coupling, self.first_index = coupling, first_index
 
 
 class ReversibleFunction(torch.autograd.Function):
     """Runs a list of MEFT layers without caching activations; rebuilds them in backward.
 
     Saved for backward (all through save_for_backward, so saved-tensor hooks see them): the top two
-    streams and the tensors among the layer inputs (masks, rotary tables, encoder states). Tensors among
-    the layer inputs that require grad (e.g. a decoder's encoder_hidden_states) get their gradient.
-    Parameters are never inputs of this Function (DEEPSPEED.md rule 3).
+    streams, the tensors among the layer inputs (masks, rotary tables, encoder states) and, for the
+    exact arithmetic, each layer's remainders and input checksums. Tensors among the layer inputs that
+    require grad (e.g. a decoder's encoder_hidden_states) get their gradient. Parameters are never
+    inputs of this Function (DEEPSPEED.md rule 3). Returns the top streams' values and, for the exact
+    arithmetic, their integer states (not differentiable) so that cached layers above continue exactly.
     """
 
     @staticmethod
-    def forward(ctx, run: _StackRun, x1, x2, *input_tensors):
+    def forward(ctx, run: _StackRun, h1, h2, *input_tensors):
+        coupling = run.coupling
         inputs = run.rebuild(input_tensors)
+        x1, x2 = coupling.encode(h1), coupling.encode(h2)
+        sides, checksums = [], []
         for layer, seeds in zip(run.layers, run.seeds):
-            x1, x2 = layer(x1, x2, inputs, seeds, run.compute_dtype)
+            if coupling.needs_side_buffers:
+                checksums.append(torch.stack([coupling.checksum(x1), coupling.checksum(x2)]))
+            (x1, x2), layer_sides = layer(x1, x2, inputs, seeds, run.compute_dtype)
+            sides.extend(layer_sides)
         ctx.run = run
-        ctx.autocast = _autocast_state(x1.device.type)
-        ctx.save_for_backward(x1, x2, *input_tensors)
-        return x1, x2
+        ctx.autocast = _autocast_state(x1.value.device.type)
+        ctx.side_present = [side is not None for side in sides]
+        ctx.num_inputs = len(input_tensors)
+        ctx.save_for_backward(coupling.to_saved(x1), coupling.to_saved(x2), *input_tensors,
+                              *[side for side in sides if side is not None], *checksums)
+        if coupling.needs_side_buffers:
+            ctx.mark_non_differentiable(x1.state, x2.state)
+            return x1.value, x2.value, x1.state, x2.state
+        return x1.value, x2.value
 
     @staticmethod
-    def backward(ctx, dx1, dx2):
+    def backward(ctx, dx1, dx2, *_state_grads):
         run: _StackRun = ctx.run
-        out1, out2, *input_tensors = ctx.saved_tensors
+        coupling = run.coupling
+        saved = ctx.saved_tensors
+        out1, out2 = coupling.from_saved(saved[0]), coupling.from_saved(saved[1])
+        input_tensors = saved[2: 2 + ctx.num_inputs]
+        rest = iter(saved[2 + ctx.num_inputs:])
+        sides = [next(rest) if present else None for present in ctx.side_present]
+        checksums = list(rest)
         leaves = [t.detach().requires_grad_(True) if need else t.detach()
                   for t, need in zip(input_tensors, ctx.needs_input_grad[3:])]
         inputs = run.rebuild(leaves)
         with _restored_autocast(ctx.autocast):
-            for layer, seeds in zip(reversed(run.layers), reversed(run.seeds)):
-                out1, out2, dx1, dx2 = layer.backward_step(out1, out2, dx1, dx2, inputs, seeds, run.compute_dtype)
+            for i in reversed(range(len(run.layers))):
+                layer, seeds = run.layers[i], run.seeds[i]
+                out1, out2, dx1, dx2 = layer.backward_step(out1, out2, dx1, dx2, sides[2 * i: 2 * i + 2],
+                                                           inputs, seeds, run.compute_dtype)
+                if checksums:
+                    rebuilt = torch.stack([coupling.checksum(out1), coupling.checksum(out2)])
+                    if not torch.equal(rebuilt, checksums[i]):
+                        raise ReconstructionError(
+                            f"MEFT layer {run.first_index + i}: the input streams rebuilt in backward differ from "
+                            "the forward's (checksum mismatch), so the recomputation of F or G was not "
+                            "bit-identical to the forward (RNG, autocast, math backend or batch shape changed "
+                            "between forward and backward?). No gradient was produced for this step."
+                        )
         input_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
         return (None, dx1, dx2, *input_grads)
 
@@ -206,16 +231,23 @@ class MEFTStack(nn.Module):
     """
 
     def __init__(self, frozen_layers, meft_layers, num_reversible: int, main_stream: int,
-                 stream_dtype: torch.dtype, backward: str, prepare_inputs, run_frozen):
+                 coupling, backward: str, prepare_inputs, run_frozen):
         super().__init__()
         self.frozen_layers = nn.ModuleList(frozen_layers)
         self.meft_layers = nn.ModuleList(meft_layers)
         self.num_reversible = num_reversible
         self.main_stream = main_stream
-        self.stream_dtype = stream_dtype
+        self.coupling = coupling
+        for layer in self.meft_layers:
+            layer.coupling = coupling
         self.backward_mode = backward
-        self.mix = nn.Parameter(torch.zeros(()))
+        # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor refuses.
+        self.mix = nn.Parameter(torch.zeros(1))
         self.prepare_inputs, self.run_frozen = prepare_inputs, run_frozen
+
+    @property
+    def stream_dtype(self) -> torch.dtype:
+        return self.coupling.value_dtype
 
     def forward(self, hidden_states, *args, **kwargs):
         differentiable = self.training and torch.is_grad_enabled()
@@ -226,7 +258,7 @@ class MEFTStack(nn.Module):
                 for layer in self.frozen_layers:
                     h = self.run_frozen(layer, h, inputs)
         compute_dtype = h.dtype
-        x1 = x2 = h.to(self.stream_dtype)
+        h = h.to(self.stream_dtype)
         if self.training:
             base = int(torch.randint(0, 2**62, ()).item())
             seeds = [(base + 2 * i, base + 2 * i + 1) for i in range(len(self.meft_layers))]
@@ -234,17 +266,21 @@ class MEFTStack(nn.Module):
             seeds = [(None, None)] * len(self.meft_layers)
         reversible = self.meft_layers[: self.num_reversible]
         if differentiable and self.backward_mode == "reversible" and len(reversible) > 0:
-            if not x1.requires_grad:
+            if not h.requires_grad:
                 # Nothing below needs grad (frozen embeddings / frozen layers); the Function must still
                 # run its backward, so its input requires grad instead of a dummy parameter (METHOD.md).
-                x1 = x2 = x1.detach().requires_grad_(True)
+                h = h.detach().requires_grad_(True)
             split = _Inputs(inputs)
-            run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild)
-            x1, x2 = ReversibleFunction.apply(run, x1, x2, *split.tensors)
+            run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,
+                            self.coupling, first_index=len(self.frozen_layers))
+            outputs = ReversibleFunction.apply(run, h, h, *split.tensors)
+            states = outputs[2:] if len(outputs) == 4 else (None, None)
+            x1, x2 = Stream(outputs[0], states[0]), Stream(outputs[1], states[1])
             rest = zip(self.meft_layers[len(reversible):], seeds[len(reversible):])
         else:
+            x1 = x2 = self.coupling.encode(h)
             rest = zip(self.meft_layers, seeds)
         for layer, layer_seeds in rest:
-            x1, x2 = layer(x1, x2, inputs, layer_seeds, compute_dtype)
-        main, other = (x1, x2) if self.main_stream == 0 else (x2, x1)
+            (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype)
+        main, other = (x1.value, x2.value) if self.main_stream == 0 else (x2.value, x1.value)
         return (main + self.mix.to(main.dtype) * other).to(hidden_states.dtype)

@@ -14,7 +14,7 @@ from meft_ds.reversible import MEFTLayer, MEFTStack
 
 def stream_dtypes_seen(model, batch):
     seen = set()
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.update({args[0].dtype, args[1].dtype}))
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.update({args[0].value.dtype, args[1].value.dtype}))
              for m in model.modules() if isinstance(m, MEFTLayer)]
     model(**batch)
     for h in hooks:

@@ -1,0 +1,141 @@
+"""Exact stream arithmetic: bit-exact reconstruction at any depth, gradients, outputs, checksum errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import build, make_batch
+from helpers import embedding_grad_step, rel_err
+from meft_ds import MEFTConfig, make_reversible
+from meft_ds.reversible import MEFTLayer, MEFTStack, ReconstructionError
+
+FAMILIES = [("bert", tf.BertForSequenceClassification), ("roberta", tf.RobertaForQuestionAnswering),
+            ("bart", tf.BartForConditionalGeneration), ("opt", tf.OPTForCausalLM), ("llama", tf.LlamaForCausalLM)]
+FAMILY_IDS = [t for t, _ in FAMILIES]
+
+
+def exact_model(model_type, head, variant, depth, dtype, **config):
+    model = build(model_type, head, num_layers=depth, dtype=dtype)
+    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic="exact", adapter_dropout=0.1, **config))
+    for stack in model.modules():
+        if isinstance(stack, MEFTStack):
+            stack.mix.data.fill_(0.3)  # every path carries gradient
+    return model
+
+
+def record_reconstructions(monkeypatch):
+    """Collect each MEFT layer's input states in forward and the states rebuilt for it in backward."""
+    forward_inputs, rebuilt = {}, {}
+    original_forward, original_step = MEFTLayer.forward, MEFTLayer.backward_step
+
+    def forward(self, x1, x2, *args):
+        if not torch.is_grad_enabled():  # inside the Function's forward
+            forward_inputs[id(self)] = (x1.state.clone(), x2.state.clone())
+        return original_forward(self, x1, x2, *args)
+
+    def backward_step(self, *args):
+        x1, x2, dx1, dx2 = original_step(self, *args)
+        rebuilt[id(self)] = (x1.state, x2.state)
+        return x1, x2, dx1, dx2
+
+    monkeypatch.setattr(MEFTLayer, "forward", forward)
+    monkeypatch.setattr(MEFTLayer, "backward_step", backward_step)
+    return forward_inputs, rebuilt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("depth", [6, 12, 24, 48])
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("model_type,head", FAMILIES, ids=FAMILY_IDS)
+def test_reconstruction_is_bit_exact(monkeypatch, model_type, head, variant, depth, dtype):
+    model = exact_model(model_type, head, variant, depth, dtype)
+    forward_inputs, rebuilt = record_reconstructions(monkeypatch)
+    embedding_grad_step(model, make_batch(model, batch_size=2, seq_len=8), "reversible")
+    num_layers = sum(len(s.meft_layers) for s in model.modules() if isinstance(s, MEFTStack))
+    assert len(forward_inputs) == len(rebuilt) == num_layers
+    for key, (x1, x2) in forward_inputs.items():
+        assert torch.equal(rebuilt[key][0], x1) and torch.equal(rebuilt[key][1], x2)
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("model_type,head", FAMILIES, ids=FAMILY_IDS)
+def test_gradients_equal_cached_autograd_through_the_same_fixed_point_forward(model_type, head, variant):
+    """fp32: the only difference is the order in which autograd sums a stream's 3 gradient contributions
+    (measured <= ~1e-6); bf16 weights: bit-identical except where bf16 gradients accumulate over layers
+    (BART's encoder states), so there only close."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = exact_model(model_type, head, variant, 12, dtype)
+        batch = make_batch(model)
+        loss_v, vanilla = embedding_grad_step(model, batch, "vanilla")
+        loss_r, reversible = embedding_grad_step(model, batch, "reversible")
+        assert torch.equal(loss_v, loss_r)
+        for name, ref in vanilla.items():
+            if dtype == torch.float32:
+                assert rel_err(reversible[name], ref) < 3e-6, name
+            elif model_type != "bart":
+                assert torch.equal(reversible[name], ref), name
+            else:
+                assert rel_err(reversible[name], ref) < 5e-2, name
+
+
+def test_mixed_stack_with_frozen_and_cached_layers_stays_exact(monkeypatch):
+    model = exact_model("opt", tf.OPTForCausalLM, "meft3", 8, torch.float32, num_frozen_layers=2,
+                        num_reversible_layers=4)
+    forward_inputs, rebuilt = record_reconstructions(monkeypatch)
+    loss_v, vanilla = embedding_grad_step(model, make_batch(model), "vanilla")
+    forward_inputs.clear()
+    loss_r, reversible = embedding_grad_step(model, make_batch(model), "reversible")
+    assert torch.equal(loss_v, loss_r)
+    assert len(forward_inputs) == 4 and all(torch.equal(rebuilt[k][0], v[0]) for k, v in forward_inputs.items())
+    for name, ref in vanilla.items():
+        if ref is not None:
+            assert rel_err(reversible[name], ref) < 3e-6, name
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+def test_outputs_match_float_arithmetic(variant):
+    model = build("llama", tf.LlamaForCausalLM, num_layers=12, dtype=torch.float32)
+    batch = make_batch(model)
+    outputs = {}
+    for arithmetic in ("float", "exact"):
+        torch.manual_seed(0)
+        converted = make_reversible(build("llama", tf.LlamaForCausalLM, num_layers=12, dtype=torch.float32),
+                                    MEFTConfig(variant=variant, stream_arithmetic=arithmetic)).eval()
+        with torch.no_grad():
+            outputs[arithmetic] = converted(**batch).logits
+    assert rel_err(outputs["exact"], outputs["float"]) < 1e-5
+
+
+def test_one_ulp_in_a_recomputed_block_raises_instead_of_wrong_gradients():
+    model = exact_model("bert", tf.BertForSequenceClassification, "meft1", 6, torch.float32)
+    stack = next(m for m in model.modules() if isinstance(m, MEFTStack))
+    target = stack.meft_layers[2]
+    original_g = target.g
+    calls = []
+
+    def perturbed_g(owner, hidden, inputs):
+        out = original_g(owner, hidden, inputs)
+        calls.append(1)
+        if len(calls) == 2:  # the recomputation in backward: move the largest element by one ulp
+            flat = out.detach().reshape(-1)
+            i = flat.abs().argmax()
+            out = out.clone()
+            out.view(-1)[i] = torch.nextafter(flat[i], flat[i] + 1)
+        return out
+
+    target.g = perturbed_g
+    for p in model.parameters():
+        p.grad = None
+    with pytest.raises(ReconstructionError, match="MEFT layer 2"):
+        embedding_grad_step(model, make_batch(model), "reversible")
+    trained = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    # layers above 2 already produced their gradients; the error stops the step before any update
+    assert trained, "the error must come from backward, after the layers above"
+
+
+def test_exact_config_needs_unit_fractions():
+    with pytest.raises(ValueError, match="not 1/m"):
+        MEFTConfig(variant="meft1", lam=0.3, stream_arithmetic="exact")
+    assert MEFTConfig(variant="meft3", lam=0.125, beta=0.125, stream_arithmetic="exact").lam == 0.125
