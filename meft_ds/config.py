@@ -58,9 +58,9 @@ class MEFTConfig:
         default="float32", metadata={"help": "dtype the two streams and the coupling arithmetic use: float32 | float64."}
     )
     stream_arithmetic: str = field(
-        default="float",
+        default="exact",
         metadata={"help": "exact: int64 fixed-point streams with kept remainders, bit-exact reconstruction at "
-                  "any depth (lam and beta must be 1/m, m an integer <= 255); float: the paper's arithmetic."},
+                  "any depth (lam and beta must be 1/m, m an integer); float: the paper's arithmetic."},
     )
     frac_bits: int = field(
         default=32, metadata={"help": "Fractional bits of the exact fixed-point streams (|hidden| < 2^(62-frac_bits))."}
@@ -112,9 +112,9 @@ class MEFTConfig:
             for name in ("lam", "beta"):
                 value = getattr(self, name)
                 divisor = round(1.0 / value)
-                if abs(1.0 / value - divisor) > 1e-9 or divisor > 255:
+                if abs(1.0 / value - divisor) > 1e-9 * divisor or divisor > 2**20:
                     raise ValueError(
-                        f"MEFTConfig.{name}={value} is not 1/m for an integer m <= 255, which the exact stream "
+                        f"MEFTConfig.{name}={value} is not 1/m for an integer m <= 2^20, which the exact stream "
                         f"arithmetic needs (e.g. 0.1 = 1/10, 0.125 = 1/8); choose such a value or "
                         f"stream_arithmetic='float'."
                     )

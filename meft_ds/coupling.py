@@ -7,7 +7,7 @@ autograd in cached mode); `state` is what the arithmetic really keeps (None for 
   multiplies rounding error by 1/factor, so deep stacks lose their gradients (docs/numerics.md).
 - ExactCoupling: streams are int64 fixed point with `frac_bits` fractional bits; factor = 1/m with an
   integer m; y = floor(x / m) + q(b) and x = m * (y - q(b)) + (x mod m), exactly, by keeping the
-  remainder x mod m (one uint8 per element, only where m > 1). Block outputs are quantised
+  remainder x mod m (one uint8 per element for m <= 256, else int32; only where m > 1). Block outputs are quantised
   deterministically (round to nearest). Gradients pass straight through the quantisation, so they
   follow the same equations (5)-(7) as the float arithmetic with factor = 1/m. Reconstruction is
   bit-exact as long as the recomputed F and G are bit-identical to the forward's; a checksum of each
@@ -89,7 +89,7 @@ class ExactCoupling:
             state, side = x.state + quantised, None
         else:
             state = torch.div(x.state, m, rounding_mode="floor") + quantised
-            side = torch.remainder(x.state, m).to(torch.uint8)
+            side = torch.remainder(x.state, m).to(torch.uint8 if m <= 256 else torch.int32)
         carrier = factor * x.value + block_out if torch.is_grad_enabled() else None
         return self._stream(state, carrier), side
 

@@ -9,7 +9,7 @@ import transformers as tf
 from conftest import build, make_batch
 from helpers import embedding_grad_step, rel_err
 from meft_ds import MEFTConfig, make_reversible
-from meft_ds.reversible import MEFTLayer, MEFTStack
+from meft_ds.reversible import MEFTLayer, MEFTStack, ReconstructionError
 
 
 def stream_dtypes_seen(model, batch):
@@ -29,7 +29,7 @@ def stream_dtypes_seen(model, batch):
 def test_bf16_weights_fp32_streams(variant, depth):
     """DeepSpeed's bf16 mode casts every weight to bf16; the streams must still be float32."""
     model = build("llama", tf.LlamaForCausalLM, dtype=torch.bfloat16, num_layers=depth)
-    make_reversible(model, MEFTConfig(variant=variant))
+    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic="float"))
     batch = make_batch(model)
     model.train()
     assert stream_dtypes_seen(model, batch) == {torch.float32}
@@ -50,7 +50,7 @@ def test_autocast_is_restored_in_backward(variant):
     rounding and the reconstruction error would blow up; with the same state they agree closely.
     """
     model = build("bert", tf.BertForSequenceClassification, dtype=torch.float32)
-    make_reversible(model, MEFTConfig(variant=variant))
+    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic="float"))
     batch = make_batch(model)
     grads = {}
     for mode in ("vanilla", "reversible"):
@@ -63,23 +63,37 @@ def test_autocast_is_restored_in_backward(variant):
     assert stack.stream_dtype == torch.float32
 
 
-def test_recomputation_outside_autocast_would_be_detected():
-    """Control for the test above: a backward that drops autocast differs measurably from vanilla."""
+@pytest.fixture
+def backward_without_autocast(monkeypatch):
     from meft_ds import reversible
 
+    def drop(states):
+        return torch.autocast("cpu", enabled=False)
+
+    def install():
+        monkeypatch.setattr(reversible, "_restored_autocast", drop)
+    return install
+
+
+def test_exact_arithmetic_catches_a_recomputation_outside_autocast(backward_without_autocast):
     model = build("bert", tf.BertForSequenceClassification, dtype=torch.float32, num_layers=3)
-    make_reversible(model, MEFTConfig(variant="meft1"))
+    make_reversible(model, MEFTConfig(variant="meft1", stream_arithmetic="exact"))
+    backward_without_autocast()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ReconstructionError, match="MEFT layer 2"):
+        embedding_grad_step(model, make_batch(model), "reversible")
+
+
+def test_recomputation_outside_autocast_would_be_detected(backward_without_autocast):
+    """Control for the autocast test above: a backward that drops autocast differs measurably from vanilla."""
+    model = build("bert", tf.BertForSequenceClassification, dtype=torch.float32, num_layers=3)
+    make_reversible(model, MEFTConfig(variant="meft1", stream_arithmetic="float"))
     batch = make_batch(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, vanilla = embedding_grad_step(model, batch, "vanilla")
         _, good = embedding_grad_step(model, batch, "reversible")
-    original = reversible._restored_autocast
-    reversible._restored_autocast = lambda states: torch.autocast("cpu", enabled=False)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, bad = embedding_grad_step(model, batch, "reversible")
-    finally:
-        reversible._restored_autocast = original
+    backward_without_autocast()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bad = embedding_grad_step(model, batch, "reversible")
     good_err = max(rel_err(good[n], vanilla[n]) for n in vanilla)
     bad_err = max(rel_err(bad[n], vanilla[n]) for n in vanilla)
     print(f"autocast restored: {good_err:.3g}, dropped: {bad_err:.3g}")
