@@ -1,4 +1,4 @@
-"""The reversible core: coupling arithmetic, one MEFT layer, the stack, and the autograd Function.
+"""The reversible core: one MEFT layer, the stack, and the autograd Function (arithmetic: coupling.py).
 
 Nothing here knows about model families. A MEFT layer is two callables F and G (each maps a hidden
 state and the layer inputs -- masks, position embeddings, ... -- to a hidden state) plus the factors
@@ -198,7 +198,8 @@ class ReversibleFunction(torch.autograd.Function):
                             f"MEFT layer {run.first_index + i}: the input streams rebuilt in backward differ from "
                             "the forward's (checksum mismatch), so the recomputation of F or G was not "
                             "bit-identical to the forward (RNG, autocast, math backend or batch shape changed "
-                            "between forward and backward?). No gradient was produced for this step."
+                            "between forward and backward?). This backward was aborted: gradients of the layers above are "
+                            "incomplete, so zero them and do not step the optimizer."
                         )
         input_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
         return (None, dx1, dx2, *input_grads)
