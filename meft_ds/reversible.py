@@ -135,9 +135,13 @@ class MEFTLayer(nn.Module):
 class _StackRun:
     """What one forward of the reversible part needs again in backward (no tensors: those are saved)."""
 
-    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index):
+    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index, report=None):
         self.layers, self.seeds, self.compute_dtype, self.rebuild = layers, seeds, compute_dtype, rebuild
         self.coupling, self.first_index = coupling, first_index
+        # When set, a callable(error: float): the forward keeps every layer's input streams (visible to
+        # saved-tensor hooks, like cached backprop) and backward reports the largest relative error of
+        # the rebuilt ones. A diagnostic for sampled steps, not for every step.
+        self.report = report
 
 
 class ReversibleFunction(torch.autograd.Function):
@@ -156,18 +160,21 @@ class ReversibleFunction(torch.autograd.Function):
         coupling = run.coupling
         inputs = run.rebuild(input_tensors)
         x1, x2 = coupling.encode(h1), coupling.encode(h2)
-        sides, checksums = [], []
+        sides, checksums, kept = [], [], []
         for layer, seeds in zip(run.layers, run.seeds):
             if coupling.needs_side_buffers:
                 checksums.append(torch.stack([coupling.checksum(x1), coupling.checksum(x2)]))
+            if run.report is not None:
+                kept.append(torch.stack([x1.value, x2.value]))
             (x1, x2), layer_sides = layer(x1, x2, inputs, seeds, run.compute_dtype)
             sides.extend(layer_sides)
         ctx.run = run
         ctx.autocast = _autocast_state(x1.value.device.type)
         ctx.side_present = [side is not None for side in sides]
         ctx.num_inputs = len(input_tensors)
+        ctx.num_checksums = len(checksums)
         ctx.save_for_backward(coupling.to_saved(x1), coupling.to_saved(x2), *input_tensors,
-                              *[side for side in sides if side is not None], *checksums)
+                              *[side for side in sides if side is not None], *checksums, *kept)
         if coupling.needs_side_buffers:
             ctx.mark_non_differentiable(x1.state, x2.state)
             return x1.value, x2.value, x1.state, x2.state
@@ -182,7 +189,9 @@ class ReversibleFunction(torch.autograd.Function):
         input_tensors = saved[2: 2 + ctx.num_inputs]
         rest = iter(saved[2 + ctx.num_inputs:])
         sides = [next(rest) if present else None for present in ctx.side_present]
-        checksums = list(rest)
+        checksums = [next(rest) for _ in range(ctx.num_checksums)]
+        kept = list(rest)
+        worst = torch.zeros((), dtype=torch.float64, device=dx1.device)
         leaves = [t.detach().requires_grad_(True) if need else t.detach()
                   for t, need in zip(input_tensors, ctx.needs_input_grad[3:])]
         inputs = run.rebuild(leaves)
@@ -191,6 +200,10 @@ class ReversibleFunction(torch.autograd.Function):
                 layer, seeds = run.layers[i], run.seeds[i]
                 out1, out2, dx1, dx2 = layer.backward_step(out1, out2, dx1, dx2, sides[2 * i: 2 * i + 2],
                                                            inputs, seeds, run.compute_dtype)
+                if kept:
+                    rebuilt = torch.stack([out1.value, out2.value]).double()
+                    error = (rebuilt - kept[i]).norm() / kept[i].double().norm().clamp_min(1e-30)
+                    worst = torch.maximum(worst, error)
                 if checksums:
                     rebuilt = torch.stack([coupling.checksum(out1), coupling.checksum(out2)])
                     if not torch.equal(rebuilt, checksums[i]):
@@ -201,6 +214,8 @@ class ReversibleFunction(torch.autograd.Function):
                             "between forward and backward?). This backward was aborted: gradients of the layers above are "
                             "incomplete, so zero them and do not step the optimizer."
                         )
+        if kept:
+            run.report(worst.item())
         input_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
         return (None, dx1, dx2, *input_grads)
 
@@ -245,6 +260,13 @@ class MEFTStack(nn.Module):
         # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor refuses.
         self.mix = nn.Parameter(torch.zeros(1))
         self.prepare_inputs, self.run_frozen = prepare_inputs, run_frozen
+        # Set measure_reconstruction = True for a step to get, after its backward,
+        # last_reconstruction_error: the largest relative error of the layer inputs rebuilt in backward.
+        self.measure_reconstruction = False
+        self.last_reconstruction_error: float | None = None
+
+    def _report_reconstruction(self, error: float) -> None:
+        self.last_reconstruction_error = error
 
     @property
     def stream_dtype(self) -> torch.dtype:
@@ -273,7 +295,8 @@ class MEFTStack(nn.Module):
                 h = h.detach().requires_grad_(True)
             split = _Inputs(inputs)
             run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,
-                            self.coupling, first_index=len(self.frozen_layers))
+                            self.coupling, first_index=len(self.frozen_layers),
+                            report=self._report_reconstruction if self.measure_reconstruction else None)
             outputs = ReversibleFunction.apply(run, h, h, *split.tensors)
             states = outputs[2:] if len(outputs) == 4 else (None, None)
             x1, x2 = Stream(outputs[0], states[0]), Stream(outputs[1], states[1])
