@@ -1,0 +1,324 @@
+"""The training loop: data, model, DeepSpeed engine, steps, evaluation, checkpoints, export, results.json.
+
+Data order is a function of (seed, epoch) and the global batch only: each epoch permutes the training set
+once, cuts it into global batches (the last partial one is dropped, so every rank gets equal micro-batches),
+and micro-step k of rank r takes slice k * world + r of the global batch. A run therefore sees the same
+global batches whatever the world size / accumulation split, and a resumed run continues mid-epoch
+exactly where the interrupted one was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+import torch.distributed as dist
+
+from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
+from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
+from .args import RunArgs
+from .checkpoint import export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
+from .distributed import DistEnv, all_gather_floats, all_reduce_mean, barrier, init_distributed, local_main_first
+from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
+from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, param_groups
+
+logger = logging.getLogger("meft_ds.train")
+
+
+def global_batches(num_examples: int, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's global batches of example indices (a seeded permutation; last partial batch dropped)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    return [order[i * global_batch_size:(i + 1) * global_batch_size] for i in range(num_examples // global_batch_size)]
+
+
+def micro_batch(batch: list[int], micro_step: int, rank: int, world_size: int, micro_batch_size: int) -> list[int]:
+    start = (micro_step * world_size + rank) * micro_batch_size
+    return batch[start:start + micro_batch_size]
+
+
+def linear_schedule(total_steps: int, warmup_steps: int):
+    """lr factor of step s (0-based): warm-up (s + 1) / (warmup_steps + 1), so no step runs at lr 0, then
+    linear decay from 1 to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes this rank's optimizer holds: its fp32 (master) parameters and their Adam moments.
+
+    DeepSpeed wraps the torch optimizer (ZeRO / mixed precision); the innermost one holds state for
+    exactly this rank's fp32 partition (the keys of its `state`; ZeRO-3 swaps the partitions in and out
+    of `param_groups` around each step), so the figure shrinks with the number of ranks under ZeRO.
+    Counted after the first step, once Adam's moments exist.
+    """
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    tensors = list(optimizer.state.keys())
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.numel() > 0}
+    return sum(unique.values())
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def evaluate(engine, dataset, spec, collate, env: DistEnv, batch_size: int) -> dict:
+    """Metrics on one split. Every rank runs the same number of batches (ZeRO-3 gathers weights
+    collectively), padding its shard with repeats that are dropped before scoring."""
+    n = len(dataset)
+    per_rank = math.ceil(n / env.world_size)
+    indices = [(env.rank + env.world_size * k) % n for k in range(per_rank)]
+    real = [env.rank + env.world_size * k < n for k in range(per_rank)]
+    outputs, loss_sum, token_count = [], 0.0, 0
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, per_rank, batch_size):
+            rows = indices[start:start + batch_size]
+            keep = real[start:start + batch_size]
+            batch = _to_device(collate([dataset[i] for i in rows]), engine.device)
+            logits = engine(**batch).logits.float().cpu()
+            if spec.is_causal_lm:
+                kept = torch.tensor(keep)
+                sums = lm_loss_sums(logits[kept], batch["labels"].cpu()[kept])
+                loss_sum, token_count = loss_sum + sums[0], token_count + sums[1]
+            else:
+                outputs += [(i, row.tolist()) for i, row, k in zip(rows, logits, keep) if k]
+    engine.train()
+    if spec.is_causal_lm:
+        totals = all_gather_floats([loss_sum, float(token_count)])
+        return lm_metrics(sum(t[0] for t in totals), int(sum(t[1] for t in totals)))
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, outputs)
+    by_index = dict(pair for part in gathered for pair in part)
+    predictions, labels = torch.tensor([by_index[i] for i in range(n)]), torch.tensor(list(dataset["labels"]))
+    return {"loss": eval_loss(spec, predictions, labels), **compute_metrics(spec, predictions.numpy(), labels.numpy())}
+
+
+def eval_loss(spec, predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean loss over the split (cross-entropy, or MSE for regression), as the model's head computes it."""
+    if spec.is_regression:
+        return torch.nn.functional.mse_loss(predictions.view(-1), labels.float()).item()
+    return torch.nn.functional.cross_entropy(predictions, labels).item()
+
+
+def _setup_logging(env: DistEnv) -> None:
+    level = logging.INFO if env.is_main else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=level)
+    if not env.is_main:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+
+
+@dataclass
+class Run:
+    """A run ready to train: everything `setup` built, and the trainer state (resumed or fresh)."""
+
+    args: RunArgs
+    env: DistEnv
+    ds_config: dict
+    spec: TaskSpec
+    data: datasets.DatasetDict
+    collate: object
+    recipe: ModelRecipe
+    engine: object
+    optimizer: object
+    scheduler: object
+    total_steps: int
+    steps_per_epoch: int
+    global_batch_size: int
+    trainable_parameters: int
+    state: dict
+
+
+def setup(args: RunArgs) -> Run:
+    """Check inputs, load data and model, build the engine, resume if asked; nothing is written yet.
+
+    Raises FileNotFoundError / FileExistsError / ValueError for bad inputs (the launcher prints them as
+    one line). Safe to call several times in one process: the process group is set up once.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    env = init_distributed(args.master_port)
+    _setup_logging(env)
+    args.check_inputs()
+    source = str(resolve_preset(args.deepspeed))
+    ds_config, args = merge_ds_config(load_preset(args.deepspeed), args, env.world_size, source=source)
+    accelerator = get_accelerator()
+    if args.fp16 and not accelerator.is_fp16_supported():
+        raise ValueError(f"fp16 (from {source} or --fp16) is not supported on this {accelerator.device_name()} "
+                         "accelerator; use --bf16 or fp32 here, fp16 on a GPU.")
+    resume_path = None
+    if args.resume_from_checkpoint:
+        resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    with local_main_first(env):
+        raw, spec = load_task_datasets(task_name=args.task_name, data_dir=args.data_dir, train_file=args.train_file,
+                                       validation_file=args.validation_file, lm=args.lm)
+        data = tokenize_dataset(raw, tokenizer, spec, args.max_seq_length)
+    micro_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    global_size = micro_size * accumulation * env.world_size
+    steps_per_epoch = len(data["train"]) // global_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"The training set has {len(data['train'])} examples, fewer than one global batch of "
+                         f"{global_size} (per_device_train_batch_size x gradient_accumulation_steps x world size).")
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+
+    torch.manual_seed(args.seed)  # adapter / head init; dropout draws continue from here (saved per checkpoint)
+    recipe = make_recipe(args, spec, tokenizer)
+    model = build_model(recipe)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_parameters = sum(p.numel() for p in model.parameters())
+    schedule = linear_schedule(total_steps, warmup_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, args.weight_decay), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    logger.info("world size %d | global batch %d = %d x %d accumulation x %d ranks | %d steps (%d per epoch), "
+                "%d warm-up | %s | ZeRO-%d | %s | trainable parameters %d of %d (%.2f%%)",
+                env.world_size, global_size, micro_size, accumulation, env.world_size, total_steps, steps_per_epoch,
+                warmup_steps, args.method, zero_stage(ds_config), _precision(args), trainable, total_parameters,
+                100.0 * trainable / total_parameters)
+    if recipe.meft_config is not None:
+        logger.info("MEFT: %s", json.dumps(recipe.meft_config, sort_keys=True))
+
+    state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": []}
+    if resume_path is not None:
+        state = load_checkpoint(engine, resume_path, env)
+        if state["global_batch_size"] != global_size:
+            raise ValueError(f"{resume_path} was trained with global batch {state['global_batch_size']}, this run "
+                             f"has {global_size}; resume with the same batch flags so the data order continues.")
+        logger.info("resumed from %s at step %d", resume_path, state["global_step"])
+    barrier()  # every rank passed every check before rank 0 writes anything
+    return Run(args, env, ds_config, spec, data, collate_fn(tokenizer), recipe, engine, optimizer, scheduler,
+               total_steps, steps_per_epoch, global_size, trainable, state)
+
+
+def _precision(args: RunArgs) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def fit(run: Run) -> dict:
+    """Train to run.total_steps with periodic eval/checkpoints; then evaluate, export the adapter and
+    write results.json and trainer_state.json. Returns the results (on every rank)."""
+    from tqdm.auto import tqdm
+
+    args, env, engine, state = run.args, run.env, run.engine, run.state
+    train_set, accumulation = run.data["train"], args.gradient_accumulation_steps
+    output_dir = Path(args.output_dir)
+    writer = None
+    if env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(args.logging_dir)
+
+    def log(entry: dict) -> None:
+        state["log_history"].append(entry)
+        if writer is not None:
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, entry["step"])
+        logger.info(json.dumps(entry))
+
+    def run_eval() -> dict:
+        results = {split: evaluate(engine, run.data[split], run.spec, run.collate, env, args.per_device_eval_batch_size)
+                   for split in run.spec.eval_splits}
+        log({"step": state["global_step"],
+             **{f"eval/{split}/{name}": value for split, m in results.items() for name, value in m.items()}})
+        return results
+
+    engine.train()  # from_pretrained returns the model in eval mode: dropout would stay off
+    progress = tqdm(total=run.total_steps, initial=state["global_step"], disable=not env.is_main, desc="train",
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
+    start_step, start_time, epoch, batches = state["global_step"], time.perf_counter(), None, []
+    run_losses, optimizer_bytes = [], None
+    while state["global_step"] < run.total_steps:
+        step = state["global_step"]
+        if step // run.steps_per_epoch != epoch:
+            epoch = step // run.steps_per_epoch
+            batches = global_batches(len(train_set), run.global_batch_size, args.seed, epoch)
+        batch_indices = batches[step % run.steps_per_epoch]
+        learning_rate = run.scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros(())
+        for micro_step in range(accumulation):
+            rows = micro_batch(batch_indices, micro_step, env.rank, env.world_size, args.per_device_train_batch_size)
+            batch = _to_device(run.collate([train_set[i] for i in rows]), engine.device)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float().cpu()
+        loss_value = all_reduce_mean(loss_sum / accumulation)
+        state["global_step"] = step = step + 1
+        run_losses.append(loss_value)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+        if optimizer_bytes is None:  # Adam's moments exist from the first step on
+            optimizer_bytes = [int(b[0]) for b in all_gather_floats([float(optimizer_state_bytes(run.optimizer))])]
+            logger.info("optimizer-state bytes per rank: %s (total %d)", optimizer_bytes, sum(optimizer_bytes))
+            if writer is not None:
+                for rank, value in enumerate(optimizer_bytes):
+                    writer.add_scalar(f"memory/optimizer_state_bytes/rank{rank}", value, step)
+        if step % args.logging_steps == 0 or step == run.total_steps:
+            log({"step": step, "epoch": round(step / run.steps_per_epoch, 4), "train/loss": loss_value,
+                 "train/learning_rate": learning_rate})
+        if args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
+            run_eval()
+        if args.save_steps and step % args.save_steps == 0 and step < run.total_steps:
+            save_checkpoint(engine, args.output_dir, state, env)
+    progress.close()
+    train_seconds = time.perf_counter() - start_time
+
+    eval_results = run_eval() if run.spec.eval_splits else {}
+    steps_run = state["global_step"] - start_step
+    if args.save_steps and steps_run:  # the last checkpoint, its log history ending with the final eval
+        save_checkpoint(engine, args.output_dir, state, env)
+    export_adapter(engine, run.recipe, args.output_dir, env)
+    peak_gpu_memory = None
+    if torch.cuda.is_available():  # allocator peak; on CPU DeepSpeed's memory figures are process RSS
+        peak_gpu_memory = [int(b[0]) for b in all_gather_floats([float(torch.cuda.max_memory_allocated())])]
+    results = {
+        "global_step": state["global_step"],
+        "train_loss": sum(run_losses) / len(run_losses) if run_losses else None,
+        "train_runtime_s": round(train_seconds, 3),
+        "train_steps_per_second": round(steps_run / train_seconds, 4) if steps_run else None,
+        "train_samples_per_second": round(steps_run * run.global_batch_size / train_seconds, 3) if steps_run else None,
+        "eval": eval_results,
+        "optimizer_state_bytes_per_rank": optimizer_bytes,
+        "peak_gpu_memory_bytes_per_rank": peak_gpu_memory,
+        "trainable_parameters": run.trainable_parameters,
+        "world_size": env.world_size,
+        "zero_stage": zero_stage(run.ds_config),
+        "precision": _precision(args),
+        "method": args.method,
+        "task_name": run.spec.task_name,
+    }
+    if env.is_main:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (output_dir / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        for split, metrics in eval_results.items():
+            print(f"eval {split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+        writer.close()
+    barrier()
+    return results
+
+
+def train(args: RunArgs) -> dict:
+    """setup + fit: one whole run."""
+    return fit(setup(args))
