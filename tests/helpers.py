@@ -45,3 +45,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.double().norm().item()
     diff = (a.double() - b.double()).norm().item()
     return diff / scale if scale > 0 else diff
+
+
+def graph_node_names(tensor: torch.Tensor) -> set[str]:
+    """Class names of every autograd node `tensor` depends on."""
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names

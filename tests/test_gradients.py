@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import CASE_IDS, MODEL_CASES, build, make_batch
-from helpers import embedding_grad_step, rel_err
-from meft_ds import MEFTConfig, make_reversible
+from helpers import embedding_grad_step, graph_node_names, rel_err
+from meft_ds import MEFTConfig, make_reversible, set_backward
 from meft_ds.reversible import MEFTStack
 
 VARIANTS = ("meft1", "meft2", "meft3")
@@ -58,20 +58,13 @@ def test_frozen_layers_and_mixed_stack(model_type, head, variant):
     assert_same_gradients(model, make_batch(model), expect_embedding_grad=False)
 
 
-def test_reversible_saves_fewer_tensors_than_vanilla_and_uses_the_function():
+def test_reversible_mode_uses_the_function_and_vanilla_does_not():
     """Guards against a 'reversible' mode that silently runs the cached path."""
     model = build("bert", MODEL_CASES[0][1], num_layers=4)
     make_reversible(model, MEFTConfig(stream_dtype="float64"))
     batch = make_batch(model)
     model.train()
-    out = model(**batch).loss
-    names, stack, seen = set(), [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    assert "ReversibleFunctionBackward" in names
+    assert "ReversibleFunctionBackward" in graph_node_names(model(**batch).loss)
+    set_backward(model, "vanilla")
+    assert "ReversibleFunctionBackward" not in graph_node_names(model(**batch).loss)
 

@@ -7,6 +7,7 @@ import torch
 import transformers as tf
 
 from conftest import CASE_IDS, MODEL_CASES, build, make_batch
+from helpers import graph_node_names
 from meft_ds import MEFTConfig, make_reversible
 from meft_ds.adapters import Adapter
 from meft_ds.models import REGISTRY, family_for
@@ -74,18 +75,6 @@ def test_only_adapters_mix_and_head_train(model_type, head, variant):
     assert sum(isinstance(m, Adapter) for m in model.modules()) == adapters_per_layer * n_layers
 
 
-def _graph_node_names(tensor):
-    names, stack, seen = set(), [tensor.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    return names
-
-
 def test_eval_mode_runs_plain_forward_and_matches_training_function():
     model = build("opt", tf.OPTForCausalLM)
     make_reversible(model, MEFTConfig(stream_dtype="float64"))
@@ -93,7 +82,7 @@ def test_eval_mode_runs_plain_forward_and_matches_training_function():
     model.eval()
     with torch.enable_grad():
         out = model(**batch).loss
-    assert "ReversibleFunctionBackward" not in _graph_node_names(out)
+    assert "ReversibleFunctionBackward" not in graph_node_names(out)
     model.train()
     model.config.dropout = 0.0
     for module in model.modules():
@@ -105,7 +94,7 @@ def test_eval_mode_runs_plain_forward_and_matches_training_function():
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.0
     train_out = model(**batch).loss
-    assert "ReversibleFunctionBackward" in _graph_node_names(train_out)
+    assert "ReversibleFunctionBackward" in graph_node_names(train_out)
     torch.testing.assert_close(train_out, out, rtol=1e-12, atol=0)
 
 

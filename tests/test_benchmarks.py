@@ -1,0 +1,126 @@
+"""The benchmark (benchmarks/bench_memory.py) on a tiny RoBERTa, in-process: properties that can fail.
+
+- MEFT reversible saved bytes are flat in depth, the vanilla (cached) MEFT's grow with it;
+- reversible MEFT saves less than LoRA and less than LoRA + checkpointing;
+- LoRA's frozen lower layers save nothing (K of N frozen == LoRA on N-K layers, exactly);
+- the saved-tensor counter skips parameters and counts a storage once;
+- the JSON, markdown and PNG outputs hold every method.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
+
+from benchmarks.bench_memory import BenchConfig, measure_saved, run_benchmark  # noqa: E402
+from benchmarks.measure import SavedTensorCounter  # noqa: E402
+from benchmarks.setups import Method  # noqa: E402
+
+TINY = dict(shape="tiny-roberta", layers=4, batch_size=2, seq_len=32, depths=(2, 4, 8), seq_lens=(16, 32),
+            timing_rounds=1, count_steps=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(**TINY, sections=("count", "timing", "depth", "seq"), out_dir=str(out_dir))
+    torch.manual_seed(0)
+    return run_benchmark(cfg, ["--test"]), out_dir, cfg
+
+
+def _series(results, name):
+    return results["depth"]["series"][name]["saved_bytes"]
+
+
+def test_reversible_flat_in_depth_and_vanilla_grows(bench):
+    results, _, cfg = bench
+    for name in ("meft1", "meft2", "meft3", "meft1+frozen"):
+        saved = _series(results, name)
+        assert max(saved) == min(saved), f"{name} saved bytes change with depth {cfg.depths}: {saved}"
+    vanilla = _series(results, "meft1_vanilla")
+    assert vanilla[2] > 3 * vanilla[0], f"vanilla MEFT should grow ~linearly from 2 to 8 layers: {vanilla}"
+    steps = [b - a for a, b in zip(vanilla, vanilla[1:])]
+    depth_steps = [b - a for a, b in zip(cfg.depths, cfg.depths[1:])]
+    assert steps[0] / depth_steps[0] == steps[1] / depth_steps[1], "vanilla growth should be exactly linear"
+
+
+def test_reversible_saves_less_than_lora_and_checkpointing(bench):
+    results, _, _ = bench
+    count = results["count"]
+    for name in ("meft1", "meft2", "meft3"):
+        assert count[name]["saved_bytes"] < count["lora"]["saved_bytes"] / 10
+        assert count[name]["saved_bytes"] < count["lora_gc"]["saved_bytes"]
+        assert count[name]["saved_bytes"] < count["meft1_vanilla"]["saved_bytes"] / 10
+    assert count["lora_gc"]["saved_bytes"] < count["lora"]["saved_bytes"] < count["full"]["saved_bytes"]
+    # What reversible MEFT keeps is the reversible stack's (top streams, mask) plus the head's.
+    assert count["meft1"]["breakdown"].get("transformer layers", 0) == 0
+    # Its peak includes one sub-block's recomputation in backward: more than it holds after forward.
+    assert count["meft1"]["peak_saved_bytes"] > count["meft1"]["saved_bytes"]
+
+
+def test_frozen_lora_layers_save_nothing():
+    """LoRA with K of N layers frozen saves exactly what LoRA on N-K layers saves; same for the GC baseline."""
+    cfg = BenchConfig(**TINY, sections=("count",))
+    frozen = measure_saved(cfg, "tiny-roberta", 4, 32, 2, [Method("lora", 1), Method("lora_gc", 1), Method("meft1_vanilla", 1)])
+    fewer = measure_saved(cfg, "tiny-roberta", 3, 32, 2, [Method("lora"), Method("lora_gc"), Method("meft1_vanilla")])
+    assert frozen["lora+frozen1"]["saved_bytes"] == fewer["lora"]["saved_bytes"]
+    assert frozen["lora_gc+frozen1"]["saved_bytes"] == fewer["lora_gc"]["saved_bytes"]
+    assert frozen["meft1_vanilla+frozen1"]["saved_bytes"] == fewer["meft1_vanilla"]["saved_bytes"]
+    # Hugging Face's defaults (embedding output requires grad, frozen layers checkpointed) cost more.
+    naive = measure_saved(cfg, "tiny-roberta", 4, 32, 2, [Method("lora_gc_naive", 1)])
+    assert naive["lora_gc_naive+frozen1"]["saved_bytes"] > frozen["lora_gc+frozen1"]["saved_bytes"]
+
+
+def test_counter_skips_parameters_and_counts_storage_once():
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorCounter(linear) as counter:
+        y = linear(x)
+        z = (y * y).sum()  # y saved twice (both operands): one storage
+        counter.mark_forward_done()
+    assert counter.saved_bytes == 2 * 4 * 8 * 4  # x (for the weight grad) and y; the weight is a parameter
+    z.backward()
+    del y, z
+    assert counter.live_bytes == 0
+
+
+def test_counter_agrees_with_meft_ds_counter():
+    """The benchmark's counter (liveness, attribution) and meft_ds.memory's agree on what forward saves."""
+    from benchmarks.setups import base_model, build_method, make_batch, make_config
+    from meft_ds.memory import SavedTensorCounter as CoreCounter
+
+    config = make_config("tiny-roberta", 3)
+    batch = make_batch(config, 2, 32, 0, padding=True)
+    for name in ("lora", "meft1", "meft1_vanilla"):
+        model = build_method(base_model(config, 0), Method(name)).train()
+        with SavedTensorCounter(model) as ours:  # one at a time: nested saved-tensor hooks shadow the outer
+            loss = model(**batch).loss
+            ours.mark_forward_done()
+        del loss
+        with CoreCounter(model) as core:
+            loss = model(**batch).loss
+        assert ours.saved_bytes == core.bytes > 0, name
+
+
+def test_outputs_hold_every_method(bench):
+    results, out_dir, cfg = bench
+    expected = {m.label for m in cfg.method_list(cfg.main_layers)}
+    assert {"full", "lora", "lora_gc", "meft1_vanilla", "meft1", "meft2", "meft3"} <= expected
+    data = json.loads((out_dir / "results.json").read_text())
+    assert set(data["methods"]) == expected
+    for section in ("count", "timing"):
+        assert set(data[section]) == expected, section
+    assert set(data["depth"]["series"]) == {label.split("+")[0] + ("+frozen" if "+" in label else "")
+                                           for label in expected}
+    assert all(r["time_ratio_vs_lora"] > 0 for r in data["timing"].values())
+    assert data["timing"]["lora"]["time_ratio_vs_lora"] == 1.0
+    markdown = (out_dir / "results.md").read_text()
+    assert all(f"| {label} |" in markdown for label in expected)
+    png = (out_dir / "activation_memory.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
