@@ -115,8 +115,18 @@ class RunArgs:
         "Where checkpoints, the adapter export, logs and results.json go."))
     overwrite_output_dir: bool = field(default=False, metadata=_help(
         "Write into a non-empty --output_dir (otherwise that is an error, so no earlier run is overwritten)."))
-    logging_dir: str | None = field(default=None, metadata=_help("TensorBoard directory. Default: <output_dir>/runs."))
-    logging_steps: int = field(default=10, metadata=_help("Log loss and learning rate every N optimizer steps."))
+    logging_dir: str | None = field(default=None, metadata=_help(
+        "TensorBoard directory: run-level scalars in it, every rank's statistics in rank_<r>/ (written by rank 0). "
+        "Default: <output_dir>/runs."))
+    logging_steps: int = field(default=10, metadata=_help(
+        "Log loss, learning rate and every rank's memory and throughput every N optimizer steps (and at the end)."))
+    reconstruction_error_steps: int = field(default=0, metadata=_help(
+        "MEFT, reversible backward: every N steps keep each layer's input streams in forward and log the largest "
+        "relative error of the ones the backward rebuilt (reversible/reconstruction_error). Costs the cached "
+        "activations' memory on those steps. 0 = off."))
+    log_saved_tensor_bytes: bool = field(default=False, metadata=_help(
+        "On log steps, also count the bytes autograd saves for backward (memory/saved_for_backward_bytes); "
+        "saved-tensor hooks slow those steps down."))
     eval_steps: int | None = field(default=None, metadata=_help(
         "Evaluate every N optimizer steps (and always at the end). Default: at the end only."))
     save_steps: int | None = field(default=None, metadata=_help(
@@ -143,6 +153,12 @@ class RunArgs:
                 raise ValueError(f"--{name}={value!r} must be a positive integer.")
         if self.method not in METHODS:
             raise ValueError(f"--method={self.method!r} is unknown; use one of {METHODS}.")
+        if self.reconstruction_error_steps < 0:
+            raise ValueError(f"--reconstruction_error_steps={self.reconstruction_error_steps} must be >= 0 (0 = off).")
+        if self.reconstruction_error_steps and (self.method != "meft" or self.backward != "reversible"):
+            raise ValueError("--reconstruction_error_steps measures the reversible backward's rebuilt inputs: it needs "
+                             f"--method meft --backward reversible (got --method {self.method} --backward "
+                             f"{self.backward}).")
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are both set; pick one precision.")
         if not 0.0 <= self.warmup_ratio < 1.0:

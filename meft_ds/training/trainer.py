@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
+from ..telemetry import RankTelemetry, optimizer_state_bytes
 from .args import RunArgs
 from .checkpoint import export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
 from .distributed import DistEnv, all_gather_floats, all_reduce_mean, barrier, init_distributed, local_main_first
@@ -52,22 +53,6 @@ def linear_schedule(total_steps: int, warmup_steps: int):
             return (step + 1) / (warmup_steps + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return factor
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes this rank's optimizer holds: its fp32 (master) parameters and their Adam moments.
-
-    DeepSpeed wraps the torch optimizer (ZeRO / mixed precision); the innermost one holds state for
-    exactly this rank's fp32 partition (the keys of its `state`; ZeRO-3 swaps the partitions in and out
-    of `param_groups` around each step), so the figure shrinks with the number of ranks under ZeRO.
-    Counted after the first step, once Adam's moments exist.
-    """
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    tensors = list(optimizer.state.keys())
-    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.numel() > 0}
-    return sum(unique.values())
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -216,7 +201,11 @@ def _precision(args: RunArgs) -> str:
 
 def fit(run: Run) -> dict:
     """Train to run.total_steps with periodic eval/checkpoints; then evaluate, export the adapter and
-    write results.json and trainer_state.json. Returns the results (on every rank)."""
+    write results.json and trainer_state.json. Returns the results (on every rank).
+
+    TensorBoard: run-level scalars (the all-rank mean loss, learning rate, eval metrics) in
+    args.logging_dir; every rank's memory, throughput and own loss in <logging_dir>/rank_<r>/
+    (meft_ds.telemetry, gathered to rank 0 once per log step; docs/telemetry.md)."""
     from tqdm.auto import tqdm
 
     args, env, engine, state = run.args, run.env, run.engine, run.state
@@ -245,37 +234,42 @@ def fit(run: Run) -> dict:
         return results
 
     engine.train()  # from_pretrained returns the model in eval mode: dropout would stay off
+    telemetry = RankTelemetry(engine.module, run.optimizer, engine.device, logging_dir=args.logging_dir,
+                              rank=env.rank, world_size=env.world_size, logging_steps=args.logging_steps,
+                              last_step=run.total_steps, reconstruction_error_steps=args.reconstruction_error_steps,
+                              log_saved_tensor_bytes=args.log_saved_tensor_bytes)
     progress = tqdm(total=run.total_steps, initial=state["global_step"], disable=not env.is_main, desc="train",
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
     start_step, start_time, epoch, batches = state["global_step"], time.perf_counter(), None, []
-    run_losses, optimizer_bytes = [], None
+    run_losses = []
     while state["global_step"] < run.total_steps:
         step = state["global_step"]
+        step_start = time.perf_counter()
         if step // run.steps_per_epoch != epoch:
             epoch = step // run.steps_per_epoch
             batches = global_batches(len(train_set), run.global_batch_size, args.seed, epoch)
         batch_indices = batches[step % run.steps_per_epoch]
         learning_rate = run.scheduler.get_last_lr()[0]
-        loss_sum = torch.zeros(())
+        telemetry.begin_step(step + 1)
+        loss_sum, samples, tokens = torch.zeros(()), 0, 0
         for micro_step in range(accumulation):
             rows = micro_batch(batch_indices, micro_step, env.rank, env.world_size, args.per_device_train_batch_size)
-            batch = _to_device(run.collate([train_set[i] for i in rows]), engine.device)
-            loss = engine(**batch).loss
+            batch = run.collate([train_set[i] for i in rows])
+            samples, tokens = samples + len(rows), tokens + int(batch["attention_mask"].sum())  # on the host
+            with telemetry.forward():
+                loss = engine(**_to_device(batch, engine.device)).loss
             engine.backward(loss)
+            telemetry.after_backward(last_micro_step=micro_step == accumulation - 1)
             engine.step()
             loss_sum += loss.detach().float().cpu()
+        rank_loss = (loss_sum / accumulation).item()
         loss_value = all_reduce_mean(loss_sum / accumulation)
         state["global_step"] = step = step + 1
         run_losses.append(loss_value)
+        telemetry.end_step(step, time.perf_counter() - step_start, samples, tokens, rank_loss, learning_rate)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
-        if optimizer_bytes is None:  # Adam's moments exist from the first step on
-            optimizer_bytes = [int(b[0]) for b in all_gather_floats([float(optimizer_state_bytes(run.optimizer))])]
-            logger.info("optimizer-state bytes per rank: %s (total %d)", optimizer_bytes, sum(optimizer_bytes))
-            if writer is not None:
-                for rank, value in enumerate(optimizer_bytes):
-                    writer.add_scalar(f"memory/optimizer_state_bytes/rank{rank}", value, step)
-        if step % args.logging_steps == 0 or step == run.total_steps:
+        if telemetry.is_log_step(step):
             log({"step": step, "epoch": round(step / run.steps_per_epoch, 4), "train/loss": loss_value,
                  "train/learning_rate": learning_rate})
         if args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
@@ -283,7 +277,12 @@ def fit(run: Run) -> dict:
         if args.save_steps and step % args.save_steps == 0 and step < run.total_steps:
             save_checkpoint(engine, args.output_dir, state, env)
     progress.close()
+    telemetry.close()
     train_seconds = time.perf_counter() - start_time
+    optimizer_bytes = None
+    if state["global_step"] > 0:  # Adam's moments exist from the first step on (or from the checkpoint)
+        optimizer_bytes = [int(b[0]) for b in all_gather_floats([float(optimizer_state_bytes(run.optimizer))])]
+        logger.info("optimizer-state bytes per rank: %s (total %d)", optimizer_bytes, sum(optimizer_bytes))
 
     eval_results = run_eval() if run.spec.eval_splits else {}
     steps_run = state["global_step"] - start_step
