@@ -44,13 +44,25 @@ def test_device_memory_on_cpu_peak_is_at_least_current():
     assert stats["memory/peak_resident_bytes"] >= stats["memory/resident_bytes"] > 10 * 2**20
 
 
+PEAK_RESET_SCRIPT = """
+import json, torch
+from meft_ds import telemetry
+cpu = torch.device("cpu")
+telemetry.device_memory(cpu)
+block = torch.ones(256 * 2**20, dtype=torch.uint8)  # touch 256 MiB, then free it
+del block
+with_block = telemetry.device_memory(cpu)
+after = telemetry.device_memory(cpu)
+print(json.dumps([with_block["memory/peak_resident_bytes"], after["memory/peak_resident_bytes"]]))
+"""
+
+
 def test_peak_resident_is_reset_at_each_read():
-    telemetry.device_memory(torch.device("cpu"))
-    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # touch 64 MiB, then free it
-    del block
-    with_block = telemetry.device_memory(torch.device("cpu"))
-    after = telemetry.device_memory(torch.device("cpu"))
-    assert with_block["memory/peak_resident_bytes"] - after["memory/peak_resident_bytes"] > 32 * 2**20
+    # A fresh process: in the long-lived test process freed heap pages may already be resident, so a
+    # new block need not raise the RSS at all (seen in a full-suite run).
+    out = subprocess.run([sys.executable, "-c", PEAK_RESET_SCRIPT], capture_output=True, text=True, check=True)
+    with_block, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert with_block - after > 128 * 2**20
 
 
 def test_bytes_held_by_a_plain_adam_step():
