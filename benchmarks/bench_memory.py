@@ -5,28 +5,28 @@ Run from the repository root (the results of these commands are in docs/benchmar
     # A few minutes on a 2-core CPU: RoBERTa-base width, 4 layers, 4 x 128 tokens, depths 2/4/8.
     .venv/bin/python -m benchmarks.bench_memory --quick --out-dir output/bench_quick
 
-    # RoBERTa-base shape, every section, on this CPU (about half an hour).
+    # RoBERTa-base shape, every section but shapes, on this CPU (about an hour).
     .venv/bin/python -m benchmarks.bench_memory --shape roberta-base --layers 12 --batch-size 8 \\
-        --seq-len 128 --depths 6,12,24,48 --seq-lens 64,128,256,512 --out-dir output/bench_cpu
+        --seq-len 128 --depths 6,12,24,48 --seq-lens 64,128,256,512 --count-steps 1 --out-dir output/bench_cpu
 
     # Realistic sizes on one GPU (RoBERTa-large at 512 tokens, OPT-1.3B): benchmarks/gpu.sh
 
 Sections (`--sections`, comma separated):
-  count   bytes saved for backward by every method at the main shape (exact; measure.py), with the
-          breakdown by part of the model;
+  count   at the main shape, per method: bytes held for backward and their breakdown by part of the
+          model, peak tensor memory of forward + backward and what is alive at that peak (measure.py);
   timing  every method built in this one process, steps interleaved round-robin (order rotated each
-          round); step time and throughput reported as the median per-round ratio to LoRA;
+          round); step time and throughput as the median per-round ratio to LoRA (CPU time on CPU);
   peak    peak memory per method over the built model: CPU resident set in a fresh process per method
           (forked from a pre-importing fork server), CUDA allocator counters on a GPU;
-  depth   saved bytes vs number of layers (--depths); the PNG plot;
-  seq     saved bytes vs sequence length (--seq-lens);
-  shapes  saved bytes of other shapes (--shapes) at --shapes-seq-len: measured at 2 and 4 layers and
-          extrapolated linearly to the shape's real depth (saved bytes are exactly linear in depth from
-          2 layers up; the depth section checks that).
+  depth   held bytes and peak tensor memory vs number of layers (--depths); the PNG plot;
+  seq     the same vs sequence length (--seq-lens);
+  shapes  other shapes (--shapes) at --shapes-seq-len, measured at 2 and 4 layers: held bytes
+          extrapolated linearly to the shape's real depth (they are exactly linear in depth from 2
+          layers up, as the depth section shows), peaks reported as measured.
 
-Methods (setups.py): full, lora, lora_gc, meft1_vanilla, meft1/2/3, and with the lowest
-round(--frozen-fraction x layers) layers frozen, lora / lora_gc / lora_gc_naive / meft1_vanilla / meft1.
-Outputs in --out-dir: results.json, results.md, activation_memory.png.
+Methods (setups.py): full, lora, lora_gc, meft1_vanilla, meft1/2/3 (float streams), meft1_exact, and
+with the lowest round(--frozen-fraction x layers) layers frozen: lora, lora_gc, lora_gc_naive,
+meft1_vanilla, meft1. Outputs in --out-dir: results.json, results.md, activation_memory.png.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import dataclasses
 import datetime
 import gc
 import os
+import multiprocessing
 import platform
 import statistics
-import multiprocessing
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from .measure import count_saved, make_optimizer, peak_memory, state_bytes, train_step
-from .setups import (DEFAULT_FROZEN_METHODS, DEFAULT_METHODS, SHAPES, Method, base_model, build_method,
+from .setups import (DEFAULT_FROZEN_METHODS, DEFAULT_METHODS, METHODS, SHAPES, Method, base_model, build_method,
                      make_batch, make_config, share_frozen_copy, trainable_parameters)
 
 SECTIONS = ("count", "timing", "peak", "depth", "seq", "shapes")
@@ -65,7 +65,8 @@ class BenchConfig:
     layers: int | None = field(default=None, metadata={"help": "Depth of the main shape (default: the shape's own)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
     seq_len: int = field(default=128, metadata={"help": "Tokens per sequence (padded batch: see --padding)."})
-    padding: bool = field(default=True, metadata={"help": "Random lengths in [seq_len/2, seq_len] with a padding mask."})
+    padding: bool = field(default=True, metadata={
+        "help": "Random lengths in [seq_len/2, seq_len] with a padding mask."})
     attn: str = field(default="sdpa", metadata={"help": "Attention implementation: sdpa | eager."})
     attention_dropout: float | None = field(default=None, metadata={
         "help": "Attention-probability dropout (default: the shape's, 0.1 for RoBERTa/OPT... see setups.make_config)."})
@@ -74,11 +75,14 @@ class BenchConfig:
     threads: int = field(default=1, metadata={"help": "torch.set_num_threads (CPU)."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights and the batch."})
     methods: tuple = field(default=DEFAULT_METHODS, metadata={"help": "Methods without frozen layers."})
-    frozen_methods: tuple = field(default=DEFAULT_FROZEN_METHODS, metadata={"help": "Methods also run with frozen lower layers."})
-    frozen_fraction: float = field(default=0.25, metadata={"help": "Frozen layers = round(fraction x layers), at least 1."})
+    frozen_methods: tuple = field(default=DEFAULT_FROZEN_METHODS, metadata={
+        "help": "Methods also run with frozen lower layers."})
+    frozen_fraction: float = field(default=0.25, metadata={
+        "help": "Frozen layers = round(fraction x layers), at least 1."})
     depths: tuple = field(default=(6, 12, 24, 48), metadata={"help": "Depths of the depth section."})
     seq_lens: tuple = field(default=(64, 128, 256, 512), metadata={"help": "Sequence lengths of the seq section."})
-    shapes: tuple = field(default=("roberta-large", "opt-1.3b", "llama-1.1b"), metadata={"help": "Shapes of the shapes section."})
+    shapes: tuple = field(default=("roberta-large", "opt-1.3b", "llama-1.1b"), metadata={
+        "help": "Shapes of the shapes section."})
     shapes_seq_len: int = field(default=512, metadata={"help": "Sequence length of the shapes section."})
     shapes_batch_size: int = field(default=1, metadata={"help": "Batch size of the shapes section."})
     timing_rounds: int = field(default=5, metadata={"help": "Timed rounds (after one warm-up round)."})
@@ -103,6 +107,9 @@ class BenchConfig:
             raise ValueError(f"unknown sections {sorted(unknown)}; use a subset of {SECTIONS}")
         if not 0.0 <= self.frozen_fraction < 1.0:
             raise ValueError(f"frozen_fraction={self.frozen_fraction} must be in [0, 1)")
+        unknown = (set(self.methods) | set(self.frozen_methods)) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; known: {METHODS}")
         if "lora" not in self.methods and {"timing", "count"} & set(self.sections):
             raise ValueError("ratios are taken to LoRA: keep 'lora' in --methods")
 
@@ -284,7 +291,8 @@ def _peak_in_fresh_processes(cfg: BenchConfig, methods: list[Method]) -> dict:
     with context.Pool(1, maxtasksperchild=1) as pool:
         for method in methods:
             with _guard(cfg, method, "peak memory") as failure:
-                out[method.label] = dict(pool.apply(peak_worker, (cfg, method)), source_detail="fresh process per method")
+                result = pool.apply(peak_worker, (cfg, method))
+                out[method.label] = dict(result, source_detail="fresh process per method")
             if failure:
                 out[method.label] = failure
     return out
@@ -294,7 +302,7 @@ def section_depth(cfg: BenchConfig) -> dict:
     by_depth = {}
     for depth in cfg.depths:
         by_depth[depth] = measure_saved(cfg, cfg.shape, depth, cfg.seq_len, cfg.batch_size, cfg.method_list(depth))
-        _log(f"depth {depth}: " + ", ".join(f"{k} {v.get('saved_bytes', 0) / MIB:.1f}" for k, v in by_depth[depth].items()))
+        _log(f"depth {depth}: {_summary(by_depth[depth])}")
     return _pivot(by_depth, "depths")
 
 
@@ -303,12 +311,12 @@ def section_seq(cfg: BenchConfig) -> dict:
     methods = cfg.method_list(cfg.main_layers)
     for seq_len in cfg.seq_lens:
         by_seq[seq_len] = measure_saved(cfg, cfg.shape, cfg.main_layers, seq_len, cfg.batch_size, methods)
-        _log(f"seq {seq_len}: " + ", ".join(f"{k} {v.get('saved_bytes', 0) / MIB:.1f}" for k, v in by_seq[seq_len].items()))
+        _log(f"seq {seq_len}: {_summary(by_seq[seq_len])}")
     return _pivot(by_seq, "seq_lens")
 
 
 def section_shapes(cfg: BenchConfig) -> dict:
-    """Saved bytes at each shape's real depth, from exact measurements at 2 and 4 layers."""
+    """Saved bytes at each shape's real depth, from exact measurements at 2 and 4 layers; peaks at 2 and 4."""
     out = {}
     for shape in cfg.shapes:
         depth = SHAPES[shape]["num_hidden_layers"]
@@ -320,12 +328,14 @@ def section_shapes(cfg: BenchConfig) -> dict:
                 continue
             low, high = at[2][method.label]["saved_bytes"], at[4][method.label]["saved_bytes"]
             per_layer = (high - low) / 2
-            peak_low, peak_high = at[2][method.label]["peak_tensor_bytes"], at[4][method.label]["peak_tensor_bytes"]
+            # The peak is not extrapolated: which phase of the step sets it (activations early in backward,
+            # weight gradients late) can change with depth, so only the measured peaks are reported.
             rows[method.label] = dict(per_layer_bytes=per_layer, constant_bytes=low - 2 * per_layer,
                                       saved_bytes=low + (depth - 2) * per_layer,
-                                      peak_tensor_bytes=peak_low + (depth - 2) * (peak_high - peak_low) / 2)
+                                      peak_tensor_bytes_at={n: at[n][method.label]["peak_tensor_bytes"]
+                                                            for n in (2, 4)})
         out[shape] = dict(layers=depth, seq_len=cfg.shapes_seq_len, batch_size=cfg.shapes_batch_size, methods=rows)
-        _log(f"shape {shape}: " + ", ".join(f"{k} {v['saved_bytes'] / MIB:.1f}" for k, v in rows.items()))
+        _log(f"shape {shape}: {_summary(rows)}")
     return out
 
 
@@ -348,6 +358,10 @@ def _pivot(by_x: dict, axis: str) -> dict:
 
 
 # -- driver --------------------------------------------------------------------------------------------------
+def _summary(results: dict) -> str:
+    return ", ".join(f"{label} {r.get('saved_bytes', 0) / MIB:.1f}" for label, r in results.items())
+
+
 def _log(message: str) -> None:
     print(f"[bench {datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
@@ -421,7 +435,8 @@ def _run_sections(cfg: BenchConfig, argv: list[str] | None, write: bool) -> dict
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--quick", action="store_true", help=f"Preset for a few CPU minutes: {QUICK}; flags override it.")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"Preset for a few CPU minutes: {QUICK}; flags override it.")
     for f in dataclasses.fields(BenchConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":

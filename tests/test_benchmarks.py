@@ -67,8 +67,9 @@ def test_reversible_saves_less_than_lora_and_checkpointing(bench):
 def test_frozen_lora_layers_save_nothing():
     """LoRA with K of N layers frozen saves exactly what LoRA on N-K layers saves; same for the GC baseline."""
     cfg = BenchConfig(**TINY, sections=("count",))
-    frozen = measure_saved(cfg, "tiny-roberta", 4, 32, 2, [Method("lora", 1), Method("lora_gc", 1), Method("meft1_vanilla", 1)])
-    fewer = measure_saved(cfg, "tiny-roberta", 3, 32, 2, [Method("lora"), Method("lora_gc"), Method("meft1_vanilla")])
+    names = ("lora", "lora_gc", "meft1_vanilla")
+    frozen = measure_saved(cfg, "tiny-roberta", 4, 32, 2, [Method(name, 1) for name in names])
+    fewer = measure_saved(cfg, "tiny-roberta", 3, 32, 2, [Method(name) for name in names])
     assert frozen["lora+frozen1"]["saved_bytes"] == fewer["lora"]["saved_bytes"]
     assert frozen["lora_gc+frozen1"]["saved_bytes"] == fewer["lora_gc"]["saved_bytes"]
     assert frozen["meft1_vanilla+frozen1"]["saved_bytes"] == fewer["meft1_vanilla"]["saved_bytes"]
