@@ -120,9 +120,10 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
         setattr(site.parent, site.attribute, nn.ModuleList([stack]))
 
     for module in model.modules():
-        if isinstance(module, (Adapter, MEFTStack)):
-            for name, param in module.named_parameters(recurse=isinstance(module, Adapter)):
-                param.requires_grad_(True)
+        if isinstance(module, Adapter):
+            module.requires_grad_(True)
+        elif isinstance(module, MEFTStack):
+            module.mix.requires_grad_(True)
     for name in family.head_names:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):

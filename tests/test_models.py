@@ -62,7 +62,7 @@ def test_only_adapters_mix_and_head_train(model_type, head, variant):
     make_reversible(model, MEFTConfig(variant=variant))
     heads = ("classifier.", "score.", "qa_outputs.", "classification_head.")
     for name, param in model.named_parameters():
-        is_adapter = ".adapter." in name or "meft_ffn_adapter." in name or name.endswith(".adapter.down.weight")
+        is_adapter = ".adapter." in name or "meft_ffn_adapter." in name
         expected = is_adapter or name.endswith(".mix") or name.startswith(heads)
         assert param.requires_grad == expected, f"{name}: requires_grad={param.requires_grad}"
     # every original weight still exists (frozen) under the converted model
@@ -70,9 +70,9 @@ def test_only_adapters_mix_and_head_train(model_type, head, variant):
     assert len(converted) > len(original)
     stacks = [m for m in model.modules() if isinstance(m, MEFTStack)]
     assert len(stacks) == (2 if model_type == "bart" else 1)
-    adapters_per_layer = {"meft1": 2, "meft2": 2, "meft3": 2}[variant]
+    # every variant has two adapters per layer (FFN + stand-alone for MEFT1/2, FFN + serial for MEFT3)
     n_layers = sum(len(s.meft_layers) for s in stacks)
-    assert sum(isinstance(m, Adapter) for m in model.modules()) == adapters_per_layer * n_layers
+    assert sum(isinstance(m, Adapter) for m in model.modules()) == 2 * n_layers
 
 
 def test_eval_mode_runs_plain_forward_and_matches_training_function():
