@@ -10,9 +10,16 @@ table + JSON.
     .venv/bin/python benchmarks/glue_quality.py                      # the full table (docs/quality.*)
     .venv/bin/python benchmarks/glue_quality.py --seeds 42 43 44     # more seeds (finished runs are reused)
     .venv/bin/python benchmarks/glue_quality.py --quick --work_dir /tmp/gq   # smoke run, a few steps
+    .venv/bin/python benchmarks/glue_quality.py --search --seeds 42 43 44   # learning rates chosen first (below)
 
 Runs whose results.json already exists in --work_dir are reused (so the sweep can be extended or
-resumed); pass --rerun to train them again. Runs are strictly sequential.
+resumed) if they were trained with exactly the flags this call would use (else a clear error); pass
+--rerun to train them again. Runs are strictly sequential. Run directories are named
+<task>-<method>-lr<lr>[-<tag>]-s<seed>.
+
+--search chooses each method's learning rate before the table's runs: every rate of SEARCH_GRID is
+trained with the SST-2 budget and the first seed, and scored on a selection split of 872 sentences
+held out from SST-2 train (never on the dev set the table reports); the best is used for every task.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -38,9 +46,13 @@ METHODS = {
     "meft2": ["--method", "meft", "--variant", "meft2"],
     "meft3": ["--method", "meft", "--variant", "meft3"],
 }
-# Per-method learning rates (the usual ranges: full 5e-5..1e-4, LoRA 5e-4..1e-3, MEFT 1e-3..3e-3).
 NOTES_MARKER = "<!-- notes: kept when the table is regenerated -->"
+# Per-method learning rates without --search (the usual ranges: full 5e-5..1e-4, LoRA 5e-4..1e-3, MEFT
+# 1e-3..3e-3), and the grid --search tries: three points, ~3x apart, around each default.
 LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "meft1": 3e-3, "meft2": 3e-3, "meft3": 3e-3}
+SEARCH_GRID = {"full": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3],
+               **{m: [1e-3, 3e-3, 1e-2] for m in ("meft1", "meft2", "meft3")}}
+SELECTION_SIZE = 872  # as many as SST-2 dev
 
 
 @dataclass
@@ -56,7 +68,7 @@ TASKS = {
     # data/sst2: the first 2000 sentences of SST-2 train + the full dev set (872)
     "sst2": TaskBudget("sst2", str(REPO / "data" / "sst2"), 64, 120),
     # the full RTE train (2490) and dev (277)
-    "rte": TaskBudget("rte", str(GLUE / "RTE"), 128, 120),
+    "rte": TaskBudget("rte", str(GLUE / "RTE"), 128, 400),
 }
 
 
@@ -69,8 +81,25 @@ class Budget:
     extra: list[str] = field(default_factory=list)
 
 
-def run_dir(work_dir: Path, method: str, task: str, seed: int, tag: str = "") -> Path:
-    return work_dir / f"{task}-{method}{('-' + tag) if tag else ''}-s{seed}"
+def run_dir(work_dir: Path, method: str, task: str, seed: int, learning_rate: float, tag: str = "") -> Path:
+    return work_dir / f"{task}-{method}-lr{learning_rate:g}{('-' + tag) if tag else ''}-s{seed}"
+
+
+def selection_split(train_dir: Path, source: Path, out: Path, size: int, seed: int = 0) -> Path:
+    """A GLUE-layout data dir for the learning-rate search: train.tsv is `train_dir`'s (the training sample the
+    table uses), dev.tsv is `size` sentences drawn (seeded) from the full SST-2 train file `source` that are not
+    in that sample. So the search never sees the dev set the table reports."""
+    train = (train_dir / "train.tsv").read_text().splitlines(keepends=True)
+    lines = source.read_text().splitlines(keepends=True)
+    used = {line.split("\t")[0].strip() for line in train[1:]}
+    pool = list(dict.fromkeys(line for line in lines[1:] if line.split("\t")[0].strip() not in used))
+    if len(pool) < size:
+        raise SystemExit(f"{source} has only {len(pool)} sentences outside {train_dir / 'train.tsv'}; the "
+                         f"selection split needs {size}: pass --select_from with the full SST-2 train.tsv")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.tsv").write_text("".join(train))
+    (out / "dev.tsv").write_text(lines[0] + "".join(random.Random(seed).sample(pool, size)))
+    return out
 
 
 def launch_command(method: str, task: TaskBudget, seed: int, out: Path, budget: Budget,
@@ -90,6 +119,30 @@ def launch_command(method: str, task: TaskBudget, seed: int, out: Path, budget: 
     ds = str(REPO / ".venv" / "bin" / "deepspeed")
     return [ds, "--num_gpus", str(budget.ranks), "--master_port", str(port), str(REPO / "launch" / "train.py"),
             *common]
+
+
+def training_flags(cmd: list[str]) -> list[str]:
+    """What decides a run's result in its command: every flag (launcher's and trainer's, so the rank count
+    too) but not the interpreter, the path of train.py, the port or where the run directory lies."""
+    flags = [c for c in cmd[1:] if not c.endswith("train.py")]
+    for name in ("--master_port", "--output_dir"):
+        if name in flags:
+            j = flags.index(name)
+            flags = flags[:j] + flags[j + 2:]
+    return flags
+
+
+def check_reusable(out: Path, cmd: list[str]) -> None:
+    """A finished run is reused only if it was trained with exactly these flags (same budget, lr, seed, data)."""
+    meta = out / "glue_quality_run.json"
+    old = json.loads(meta.read_text()).get("cmd") if meta.exists() else None
+    if old is None:
+        raise SystemExit(f"{out} has a results.json but no {meta.name} saying how it was trained; "
+                         "pass --rerun to train it again, or use another --work_dir / --tag")
+    if training_flags(old) != training_flags(cmd):
+        diff = sorted(set(training_flags(old)) ^ set(training_flags(cmd)))
+        raise SystemExit(f"{out} was trained with other flags than this sweep asks for (differing: {diff}); "
+                         "pass --rerun to train it again, or use another --work_dir / --tag")
 
 
 def run_one(cmd: list[str], out: Path, log: Path, threads: int) -> float:
@@ -202,6 +255,19 @@ def markdown(table: dict, budget_lines: list[str]) -> str:
     return "\n".join(budget_lines + [""] + lines) + "\n"
 
 
+def search_markdown(search: dict, seed: int) -> str:
+    """The learning-rate search as a table: method x learning rate -> selection accuracy, the chosen one bold."""
+    lines = [f"Learning-rate search (`--search`, seed {seed}, SST-2 budget, accuracy x100 on "
+             f"{next(iter(search.values()))['selection_size']} "
+             "sentences held out from SST-2 train, not the dev set):", "",
+             "| method | learning rate: selection accuracy |", "|---|---|"]
+    for m, res in search.items():
+        cells = [(f"**{lr}: {100 * v:.2f}**" if float(lr) == res["best"] else f"{lr}: {100 * v:.2f}")
+                 for lr, v in res["scores"].items()]
+        lines.append(f"| {m} | {' , '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def read_record(out: Path, method: str, task: TaskBudget, seed: int) -> dict:
     res = json.loads((out / "results.json").read_text())
     evals = res.get("eval") or {k: v for k, v in res.items() if k.startswith("eval")}
@@ -246,17 +312,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no_activation", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, one seed")
     p.add_argument("--port", type=int, default=29731)
+    p.add_argument("--search", action="store_true",
+                   help="choose each method's learning rate first: train its grid (SEARCH_GRID) on the SST-2 budget "
+                        "with the first seed, score on a selection split held out from SST-2 train, keep the best")
+    p.add_argument("--grid", nargs="*", default=[], help="grid overrides for --search, e.g. meft1=1e-3,3e-3")
+    p.add_argument("--select_from", default=str(GLUE / "SST-2" / "train.tsv"),
+                   help="the full SST-2 train.tsv the selection split is drawn from")
+    p.add_argument("--select_size", type=int, default=SELECTION_SIZE, help="sentences in the selection split")
     a = p.parse_args(argv)
 
-    lrs = dict(LEARNING_RATES)
-    for item in a.lr:
-        k, v = item.split("=")
-        lrs[k] = float(v)
+    lr_overrides = {k: float(v) for k, v in (item.split("=") for item in a.lr)}
+    lrs = {**LEARNING_RATES, **lr_overrides}
     tasks = {k: TaskBudget(**asdict(TASKS[k])) for k in a.tasks}
     for item in a.data_dir:
         k, v = item.split("=", 1)
         tasks[k].data_dir = v
-    for t in tasks.values():
+    sst2 = TaskBudget(**asdict(TASKS["sst2"]))  # the search's budget, whatever --tasks says
+    sst2.data_dir = tasks["sst2"].data_dir if "sst2" in tasks else sst2.data_dir
+    for t in [*tasks.values(), sst2]:
         if a.max_steps is not None:
             t.max_steps = a.max_steps
         if a.quick:
@@ -270,32 +343,56 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     threads = 1 if a.ranks == 2 else 2
 
+    def train_or_reuse(method: str, task: TaskBudget, seed: int, lr: float, tag: str = "") -> dict | None:
+        out = run_dir(work, method, task.task_name, seed, lr, tag)
+        cmd = launch_command(method, task, seed, out, budget, lr, a.port)
+        meta = out / "glue_quality_run.json"
+        if (out / "results.json").exists() and not a.rerun:
+            check_reusable(out, cmd)
+            wall = json.loads(meta.read_text()).get("wall_s")
+        elif a.no_train:
+            return None
+        else:
+            print(f"[glue_quality] {method} {task.task_name} seed {seed} lr {lr:g}: {' '.join(cmd)}", flush=True)
+            wall = run_one(cmd, out, work / f"{out.name}.log", threads)
+            meta.write_text(json.dumps({"cmd": cmd, "wall_s": wall, "learning_rate": lr,
+                                        "max_steps": task.max_steps, "max_seq_length": task.max_seq_length,
+                                        "global_batch": budget.per_device_train_batch_size * budget.ranks},
+                                       indent=2))
+        rec = read_record(out, method, task, seed)
+        rec.update(wall_s=wall, learning_rate=lr)
+        print(f"[glue_quality] {method} {task.task_name}{' ' + tag if tag else ''} seed {seed} lr {lr:g}: "
+              f"{task.metric}={rec['value']} trainable={rec['trainable_parameters']} wall={wall}", flush=True)
+        return rec
+
+    search: dict = {}
+    if a.search:  # one seed, the SST-2 budget, scored on the selection split held out from SST-2 train
+        grid = {m: list(SEARCH_GRID[m]) for m in a.methods}
+        for item in a.grid:
+            k, v = item.split("=", 1)
+            grid[k] = [float(x) for x in v.split(",")]
+        select = TaskBudget(**asdict(sst2))
+        select.data_dir = str(selection_split(Path(sst2.data_dir), Path(a.select_from), work / "sst2-select",
+                                              a.select_size))
+        for m in a.methods:
+            scores = {}
+            for lr in grid[m]:
+                rec = train_or_reuse(m, select, seeds[0], lr, tag="-".join(filter(None, ("select", a.tag))))
+                if rec is not None:
+                    scores[lr] = rec["value"]
+            if scores:
+                best = max(scores, key=lambda lr: scores[lr])  # ties: the first in grid order
+                search[m] = {"scores": {f"{lr:g}": v for lr, v in scores.items()}, "best": best,
+                             "selection_size": a.select_size}
+                lrs[m] = lr_overrides.get(m, best)
+
     records = []
     for seed in seeds:
         for tname, task in tasks.items():
             for m in a.methods:
-                out = run_dir(work, m, tname, seed, a.tag)
-                wall = None
-                meta = out / "glue_quality_run.json"
-                if a.rerun or not (out / "results.json").exists():
-                    if a.no_train:
-                        continue
-                    cmd = launch_command(m, task, seed, out, budget, lrs[m], a.port)
-                    print(f"[glue_quality] {m} {tname} seed {seed}: {' '.join(cmd)}", flush=True)
-                    wall = run_one(cmd, out, work / f"{out.name}.log", threads)
-                    meta.write_text(json.dumps({"cmd": cmd, "wall_s": wall, "learning_rate": lrs[m],
-                                                "max_steps": task.max_steps,
-                                                "max_seq_length": task.max_seq_length,
-                                                "global_batch": budget.per_device_train_batch_size * budget.ranks},
-                                               indent=2))
-                elif meta.exists():
-                    wall = json.loads(meta.read_text()).get("wall_s")
-                rec = read_record(out, m, task, seed)
-                rec["wall_s"] = wall
-                rec["learning_rate"] = json.loads(meta.read_text()).get("learning_rate") if meta.exists() else None
-                print(f"[glue_quality] {m} {tname} seed {seed}: {task.metric}={rec['value']} "
-                      f"trainable={rec['trainable_parameters']} wall={wall}", flush=True)
-                records.append(rec)
+                rec = train_or_reuse(m, task, seed, lrs[m], a.tag)
+                if rec is not None:
+                    records.append(rec)
 
     if not a.no_activation:
         cache = work / "activation_bytes.json"
@@ -318,12 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         f"weight decay 0, grad clip 1.0).",
         *[f"- {t}: {task.max_steps} steps, max_seq_length {task.max_seq_length}, data {task.data_dir}"
           for t, task in tasks.items()],
-        f"- learning rates: {', '.join(f'{m} {lrs[m]:g}' for m in a.methods)}; seeds {seeds}",
+        f"- learning rates: {', '.join(f'{m} {lrs[m]:g}' for m in a.methods)}; seeds {seeds}"
+        + (" (chosen by --search, below)" if search else " (fixed, no search)"),
         "- activation bytes / step: SavedTensorCounter on one micro-batch (the first "
         f"{budget.per_device_train_batch_size} training examples, dynamic padding), fp32, train mode.",
     ]
     md = "# Learning quality on GLUE: MEFT vs full fine-tuning and LoRA\n\n" \
          "Generated by `benchmarks/glue_quality.py` (the part above the notes marker).\n\n" + markdown(table, budget_lines)
+    if search:
+        md += "\n" + search_markdown(search, seeds[0])
     out_md = Path(a.out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     if out_md.exists() and NOTES_MARKER in out_md.read_text():  # keep hand-written analysis below the marker
@@ -332,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out_json).write_text(json.dumps({
         "budget": {"tasks": {k: asdict(v) for k, v in tasks.items()}, **asdict(budget), "learning_rates": lrs,
                    "seeds": seeds},
+        "search": search,
         "table": table,
         "runs": [{k: v for k, v in r.items() if k != "results"} | {"results": r["results"]} for r in records],
     }, indent=2) + "\n")

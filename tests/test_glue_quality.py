@@ -59,3 +59,47 @@ def test_tiny_end_to_end(tmp_path):
     # second call reuses the finished runs (no training) and gives the same table
     assert gq.main(argv + ["--no_train"]) == 0
     assert json.loads(js.read_text())["table"]["sst2"]["meft1"]["mean"] == cells["meft1"]["mean"]
+    # a finished run is not reused for a different budget: clear error naming the fix, nothing overwritten
+    results = gq.run_dir(tmp_path / "runs", "meft1", "sst2", 1, gq.LEARNING_RATES["meft1"]) / "results.json"
+    before = results.read_text()
+    with pytest.raises(SystemExit, match="other flags.*--rerun"):
+        gq.main([*argv[:argv.index("--max_steps")], "--max_steps", "3", *argv[argv.index("--max_steps") + 2:],
+                 "--no_train"])
+    assert results.read_text() == before
+
+
+def test_search_picks_the_best_rate_on_the_selection_split(tmp_path):
+    model = save_tiny_bert(tmp_path / "model", dropout=0.0)
+    data = write_tiny_sst2(tmp_path / "sst2", train_lines=32, dev_lines=8)
+    source = write_tiny_sst2(tmp_path / "source", train_lines=96, dev_lines=1) / "train.tsv"
+    md, js = tmp_path / "q.md", tmp_path / "q.json"
+    argv = ["--methods", "meft1", "--tasks", "sst2", "--seeds", "1", "--max_steps", "3", "--ranks", "1",
+            "--no_bf16", "--per_device_train_batch_size", "8", "--model_name_or_path", str(model),
+            "--data_dir", f"sst2={data}", "--work_dir", str(tmp_path / "runs"), "--out_md", str(md),
+            "--out_json", str(js), "--port", str(free_port()), "--no_activation", "--search",
+            "--grid", "meft1=1e-06,0.05", "--select_from", str(source)]
+    with pytest.raises(SystemExit, match="only .* sentences outside"):  # 96 - 32 < 872 by default
+        gq.main(argv)
+    assert gq.main(argv + ["--select_size", "40"]) == 0
+    out = json.loads(js.read_text())
+    scores = out["search"]["meft1"]["scores"]
+    assert set(scores) == {"1e-06", "0.05"}
+    best = max(scores, key=scores.get)
+    assert out["search"]["meft1"]["best"] == float(best) == out["budget"]["learning_rates"]["meft1"]
+    # the table's run used the chosen rate; the search's runs trained on the held-out split, not on dev
+    assert gq.run_dir(tmp_path / "runs", "meft1", "sst2", 1, float(best)).exists()
+    dev = (tmp_path / "runs" / "sst2-select" / "dev.tsv").read_text().splitlines()
+    train = set((data / "train.tsv").read_text().splitlines()[1:])
+    assert len(dev) == 41 and not train & set(dev[1:])
+    assert not set((data / "dev.tsv").read_text().splitlines()[1:]) & set(dev[1:])
+    assert "Learning-rate search" in md.read_text()
+
+
+def test_training_flags_ignore_interpreter_port_and_run_dir():
+    a = ["/x/deepspeed", "--num_gpus", "2", "--master_port", "1", "/r/launch/train.py", "--seed", "1",
+         "--output_dir", "/a"]
+    b = ["/y/deepspeed", "--num_gpus", "2", "--master_port", "7", "/q/launch/train.py", "--seed", "1"]
+    one = ["/y/python", "/r/launch/train.py", "--master_port", "2", "--seed", "1"]
+    assert gq.training_flags(a) == gq.training_flags(b) == ["--num_gpus", "2", "--seed", "1"]
+    assert gq.training_flags(one) == ["--seed", "1"]  # one rank vs two: a different run
+    assert gq.training_flags(b) != gq.training_flags(b[:-1] + ["2"])  # another seed
