@@ -33,6 +33,13 @@ def test_aggregate_mean_std_and_within_one_point():
     assert gq.within_one_point(gq.aggregate(recs), "meft1", "full", "sst2") is False
 
 
+def test_lr_overrides_per_task_and_errors():
+    assert gq.parse_lr_overrides(["full=5e-5", "rte:meft2=1e-3"]) == ({"full": 5e-5}, {("rte", "meft2"): 1e-3})
+    for bad in ("fulll=1e-3", "mnli:full=1e-3", "full=fast", "full"):
+        with pytest.raises(SystemExit, match=r"\[task:\]method=rate"):
+            gq.parse_lr_overrides([bad])
+
+
 def test_find_metric_nested():
     assert gq._find_metric({"eval": {"validation": {"accuracy": 0.5, "loss": 1}}}, "accuracy") == 0.5
 
@@ -44,18 +51,19 @@ def test_tiny_end_to_end(tmp_path):
     argv = ["--methods", "full", "lora", "meft1", "--tasks", "sst2", "--seeds", "1", "--max_steps", "2",
             "--ranks", "1", "--no_bf16", "--per_device_train_batch_size", "4", "--model_name_or_path", str(model),
             "--data_dir", f"sst2={data}", "--work_dir", str(tmp_path / "runs"), "--out_md", str(md),
-            "--out_json", str(js), "--port", str(free_port())]
+            "--out_json", str(js), "--port", str(free_port()), "--lr", "sst2:full=2e-4"]
     assert gq.main(argv) == 0
     out = json.loads(js.read_text())
     cells = out["table"]["sst2"]
     assert set(cells) == {"full", "lora", "meft1"}
+    assert cells["full"]["learning_rates"] == [2e-4] and cells["lora"]["learning_rates"] == [gq.LEARNING_RATES["lora"]]
     for cell in cells.values():
         assert 0.0 <= cell["mean"] <= 1.0 and cell["n"] == 1 and cell["activation_bytes"] > 0
     # full trains every weight; MEFT and LoRA far fewer
     assert cells["meft1"]["trainable_parameters"] < cells["full"]["trainable_parameters"]
     assert cells["lora"]["trainable_parameters"] < cells["full"]["trainable_parameters"]
     text = md.read_text()
-    assert "| meft1 | sst2 (accuracy) |" in text and "vs full" in text
+    assert f"| meft1 | sst2 (accuracy) | {gq.LEARNING_RATES['meft1']:g} |" in text and "vs full" in text
     # second call reuses the finished runs (no training) and gives the same table
     assert gq.main(argv + ["--no_train"]) == 0
     assert json.loads(js.read_text())["table"]["sst2"]["meft1"]["mean"] == cells["meft1"]["mean"]
