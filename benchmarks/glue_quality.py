@@ -133,23 +133,25 @@ def training_flags(cmd: list[str]) -> list[str]:
     return flags
 
 
-def parse_lr_overrides(items: list[str]) -> tuple[dict, dict]:
-    """["full=5e-5", "rte:meft2=1e-3"] -> ({"full": 5e-5}, {("rte", "meft2"): 1e-3}), with a clear error."""
+def parse_lr_overrides(items: list[str], flag: str = "--lr") -> tuple[dict, dict]:
+    """["full=5e-5", "rte:meft2=1e-3"] -> ({"full": [5e-5]}, {("rte", "meft2"): [1e-3]}), with a clear error.
+    Values are comma-separated lists of rates (--grid takes several, --lr one)."""
     every, per_task = {}, {}
     for item in items:
         key, _, value = item.partition("=")
         task, _, method = key.rpartition(":")
         try:
-            rate = float(value)
+            rates = [float(v) for v in value.split(",")]
         except ValueError:
-            rate = None
-        if method not in METHODS or (task and task not in TASKS) or rate is None:
-            raise SystemExit(f"--lr {item!r}: expected [task:]method=rate with method in {list(METHODS)} and task "
-                             f"in {list(TASKS)}, e.g. full=5e-5 or rte:full=3e-5")
+            rates = []
+        if method not in METHODS or (task and task not in TASKS) or not rates or (flag == "--lr" and len(rates) > 1):
+            raise SystemExit(f"{flag} {item!r}: expected [task:]method=rate{'[,rate...]' if flag != '--lr' else ''} "
+                             f"with method in {list(METHODS)} and task in {list(TASKS)}, e.g. full=5e-5 or "
+                             "rte:full=3e-5")
         if task:
-            per_task[(task, method)] = rate
+            per_task[(task, method)] = rates
         else:
-            every[method] = rate
+            every[method] = rates
     return every, per_task
 
 
@@ -280,10 +282,9 @@ def markdown(table: dict, budget_lines: list[str]) -> str:
     return "\n".join(budget_lines + [""] + lines) + "\n"
 
 
-def search_markdown(search: dict, seed: int) -> str:
+def search_markdown(search: dict, seed: int, selection_size: int) -> str:
     """The learning-rate search as a table: method x learning rate -> selection accuracy, the chosen one bold."""
-    lines = [f"Learning-rate search (`--search`, seed {seed}, SST-2 budget, accuracy x100 on "
-             f"{next(iter(search.values()))['selection_size']} "
+    lines = [f"Learning-rate search (`--search`, seed {seed}, SST-2 budget, accuracy x100 on {selection_size} "
              "sentences held out from SST-2 train, not the dev set):", "",
              "| method | learning rate: selection accuracy |", "|---|---|"]
     for m, res in search.items():
@@ -348,19 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--select_size", type=int, default=SELECTION_SIZE, help="sentences in the selection split")
     a = p.parse_args(argv)
 
-    lr_overrides, task_lrs = parse_lr_overrides(a.lr)
+    lr_overrides, task_lrs = ({k: v[0] for k, v in d.items()} for d in parse_lr_overrides(a.lr))
     lrs = {**LEARNING_RATES, **lr_overrides}
-    tasks = {k: TaskBudget(**asdict(TASKS[k])) for k in a.tasks}
+    budgets = {k: TaskBudget(**asdict(v)) for k, v in TASKS.items()}
     for item in a.data_dir:
         k, v = item.split("=", 1)
-        tasks[k].data_dir = v
-    sst2 = TaskBudget(**asdict(TASKS["sst2"]))  # the search's budget, whatever --tasks says
-    sst2.data_dir = tasks["sst2"].data_dir if "sst2" in tasks else sst2.data_dir
-    for t in [*tasks.values(), sst2]:
+        budgets[k].data_dir = v
+    for t in budgets.values():
         if a.max_steps is not None:
             t.max_steps = a.max_steps
         if a.quick:
             t.max_steps = 4
+    tasks = {k: budgets[k] for k in a.tasks}
     extra = ["--model_name_or_path", a.model_name_or_path] if a.model_name_or_path else []
     extra += a.extra.split()
     budget = Budget(per_device_train_batch_size=a.per_device_train_batch_size, ranks=a.ranks,
@@ -394,14 +394,11 @@ def main(argv: list[str] | None = None) -> int:
 
     search: dict = {}
     if a.search:  # one seed, the SST-2 budget, scored on the selection split held out from SST-2 train
-        grid = {m: list(SEARCH_GRID[m]) for m in a.methods}
-        for item in a.grid:
-            k, v = item.split("=", 1)
-            grid[k] = [float(x) for x in v.split(",")]
-        select = TaskBudget(**asdict(sst2))
-        select.data_dir = str(selection_split(Path(sst2.data_dir), Path(a.select_from), work / "sst2-select",
+        grid = {**SEARCH_GRID, **parse_lr_overrides(a.grid, "--grid")[0]}
+        select = TaskBudget(**asdict(budgets["sst2"]))  # the SST-2 budget, whatever --tasks says
+        select.data_dir = str(selection_split(Path(select.data_dir), Path(a.select_from), work / "sst2-select",
                                               a.select_size))
-        for m in a.methods:
+        for m in (m for m in a.methods if m not in lr_overrides):  # a rate set with --lr is not searched
             scores = {}
             for lr in grid[m]:
                 rec = train_or_reuse(m, select, seeds[0], lr, tag="-".join(filter(None, ("select", a.tag))))
@@ -409,9 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     scores[lr] = rec["value"]
             if scores:
                 best = max(scores, key=lambda lr: scores[lr])  # ties: the first in grid order
-                search[m] = {"scores": {f"{lr:g}": v for lr, v in scores.items()}, "best": best,
-                             "selection_size": a.select_size}
-                lrs[m] = lr_overrides.get(m, best)
+                search[m] = {"scores": {f"{lr:g}": v for lr, v in scores.items()}, "best": best}
+                lrs[m] = best
 
     records = []
     for seed in seeds:
@@ -451,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     md = "# Learning quality on GLUE: MEFT vs full fine-tuning and LoRA\n\n" \
          "Generated by `benchmarks/glue_quality.py` (the part above the notes marker).\n\n" + markdown(table, budget_lines)
     if search:
-        md += "\n" + search_markdown(search, seeds[0])
+        md += "\n" + search_markdown(search, seeds[0], a.select_size)
     out_md = Path(a.out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     if out_md.exists() and NOTES_MARKER in out_md.read_text():  # keep hand-written analysis below the marker
@@ -459,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     out_md.write_text(md)
     Path(a.out_json).write_text(json.dumps({
         "budget": {"tasks": {k: asdict(v) for k, v in tasks.items()}, **asdict(budget), "learning_rates": lrs,
-                   "seeds": seeds},
+                   "seeds": seeds, "selection_size": a.select_size if search else None},
         "search": search,
         "table": table,
         "runs": [{k: v for k, v in r.items() if k != "results"} | {"results": r["results"]} for r in records],

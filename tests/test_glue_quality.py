@@ -34,10 +34,13 @@ def test_aggregate_mean_std_and_within_one_point():
 
 
 def test_lr_overrides_per_task_and_errors():
-    assert gq.parse_lr_overrides(["full=5e-5", "rte:meft2=1e-3"]) == ({"full": 5e-5}, {("rte", "meft2"): 1e-3})
-    for bad in ("fulll=1e-3", "mnli:full=1e-3", "full=fast", "full"):
-        with pytest.raises(SystemExit, match=r"\[task:\]method=rate"):
+    assert gq.parse_lr_overrides(["full=5e-5", "rte:meft2=1e-3"]) == ({"full": [5e-5]}, {("rte", "meft2"): [1e-3]})
+    assert gq.parse_lr_overrides(["meft1=1e-3,3e-3"], "--grid") == ({"meft1": [1e-3, 3e-3]}, {})
+    for bad in ("fulll=1e-3", "mnli:full=1e-3", "full=fast", "full", "full=1e-3,2e-3"):
+        with pytest.raises(SystemExit, match=r"--lr .*\[task:\]method=rate"):
             gq.parse_lr_overrides([bad])
+    with pytest.raises(SystemExit, match=r"--grid .*rate\[,rate"):
+        gq.parse_lr_overrides(["lora=1e-3,x"], "--grid")
 
 
 def test_find_metric_nested():
@@ -100,7 +103,11 @@ def test_search_picks_the_best_rate_on_the_selection_split(tmp_path):
     train = set((data / "train.tsv").read_text().splitlines()[1:])
     assert len(dev) == 41 and not train & set(dev[1:])
     assert not set((data / "dev.tsv").read_text().splitlines()[1:]) & set(dev[1:])
-    assert "Learning-rate search" in md.read_text()
+    assert "Learning-rate search" in md.read_text() and "on 40 sentences" in md.read_text()
+    # a rate fixed with --lr is not searched (nothing trains: --no_train)
+    assert gq.main(argv + ["--select_size", "40", "--lr", "meft1=0.05", "--no_train"]) == 0
+    out = json.loads(js.read_text())
+    assert out["search"] == {} and out["budget"]["learning_rates"]["meft1"] == 0.05
 
 
 def test_training_flags_ignore_interpreter_port_and_run_dir():
