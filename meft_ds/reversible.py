@@ -109,26 +109,45 @@ class MEFTLayer(nn.Module):
                                           self.beta)
         return ((y2, y1) if self.switched else (y1, y2)), (side1, side2)
 
-    def backward_step(self, out1: Stream, out2: Stream, dout1, dout2, sides, inputs, seeds, compute_dtype):
+    def backward_step(self, carry: list, sides, inputs, seeds, compute_dtype):
         """Rebuild this layer's input from its output and propagate gradients, eqs. (3)-(7).
 
+        `carry` = [out1, out2, dout1, dout2] (the output streams and their gradients) is consumed: it is
+        emptied, and every tensor is dropped once used, so that only what the next line needs is alive
+        while F or G is recomputed and back-propagated (the peak of the whole step). The splits rebuild
+        each input stream in the storage of the output stream it comes from. Returns x1, x2, dx1, dx2.
         Parameter gradients are produced with torch.autograd.backward so that they arrive through
         the same accumulation hooks DeepSpeed/DDP use (DEEPSPEED.md rule 2).
         """
+        coupling = self.coupling
+        out1, out2, dout1, dout2 = carry
+        carry.clear()
         y1, y2, dy1, dy2 = (out2, out1, dout2, dout1) if self.switched else (out1, out2, dout1, dout2)
+        del out1, out2, dout1, dout2
+        y2 = coupling.state_only(y2)
         with torch.enable_grad():
-            y1_leaf = y1.value.detach().requires_grad_(True)
+            y1_leaf = coupling.value_of(y1).detach().requires_grad_(True)
+            y1 = coupling.state_only(y1)
             g_out = self.run_block(self.g, y1_leaf, inputs, seeds[1], compute_dtype)
             torch.autograd.backward(g_out, dy2)
-        dy1_total = dy1 + y1_leaf.grad                                            # (5)
-        x2 = self.coupling.split(y2, g_out.detach(), self.beta, sides[1])          # (3)
+        g_out = g_out.detach()
+        dy1_total = y1_leaf.grad.add_(dy1)                                       # (5)
+        del y1_leaf, dy1
+        x2 = coupling.split(y2, g_out, self.beta, sides[1])                        # (3)
+        del y2, g_out
+        beta_dy2 = dy2 if self.beta == 1.0 else self.beta * dy2
+        del dy2
         with torch.enable_grad():
-            x2_leaf = x2.value.detach().requires_grad_(True)
+            x2_value = coupling.value_of(x2)
+            x2_leaf = x2_value.detach().requires_grad_(True)
             f_out = self.run_block(self.f, x2_leaf, inputs, seeds[0], compute_dtype)
             torch.autograd.backward(f_out, dy1_total)
-        dx2 = self.beta * dy2 + x2_leaf.grad                                       # (6)
-        x1 = self.coupling.split(y1, f_out.detach(), self.lam, sides[0])           # (4)
-        dx1 = self.lam * dy1_total                                                 # (7)
+        f_out = f_out.detach()
+        dx2 = x2_leaf.grad.add_(beta_dy2)                                          # (6)
+        del x2_leaf, beta_dy2
+        x2 = Stream(x2_value, x2.state)
+        x1 = coupling.split(y1, f_out, self.lam, sides[0])                         # (4)
+        dx1 = dy1_total if self.lam == 1.0 else dy1_total.mul_(self.lam)           # (7)
         return x1, x2, dx1, dx2
 
 
@@ -169,6 +188,8 @@ class ReversibleFunction(torch.autograd.Function):
             (x1, x2), layer_sides = layer(x1, x2, inputs, seeds, run.compute_dtype)
             sides.extend(layer_sides)
         ctx.run = run
+        # The integer states get no gradient: without this, autograd would allocate int64 zeros for them.
+        ctx.set_materialize_grads(False)
         ctx.autocast = _autocast_state(x1.value.device.type)
         ctx.side_present = [side is not None for side in sides]
         ctx.num_inputs = len(input_tensors)
@@ -186,22 +207,30 @@ class ReversibleFunction(torch.autograd.Function):
         coupling = run.coupling
         saved = ctx.saved_tensors
         out1, out2 = coupling.from_saved(saved[0]), coupling.from_saved(saved[1])
+        # Streams the loss does not depend on get no gradient (materialize_grads is off): zeros.
+        dx1 = torch.zeros(saved[0].shape, dtype=coupling.value_dtype, device=saved[0].device) if dx1 is None else dx1
+        dx2 = torch.zeros(saved[1].shape, dtype=coupling.value_dtype, device=saved[1].device) if dx2 is None else dx2
         input_tensors = saved[2: 2 + ctx.num_inputs]
         rest = iter(saved[2 + ctx.num_inputs:])
         sides = [next(rest) if present else None for present in ctx.side_present]
         checksums = [next(rest) for _ in range(ctx.num_checksums)]
         kept = list(rest)
+        del saved
         worst = torch.zeros((), dtype=torch.float64, device=dx1.device)
         leaves = [t.detach().requires_grad_(True) if need else t.detach()
                   for t, need in zip(input_tensors, ctx.needs_input_grad[3:])]
         inputs = run.rebuild(leaves)
+        # backward_step empties `carry` and refills it through its return value, so no stale stream
+        # or gradient stays referenced here while a layer is recomputed.
+        carry = [out1, out2, dx1, dx2]
+        del out1, out2, dx1, dx2
         with _restored_autocast(ctx.autocast):
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
-                out1, out2, dx1, dx2 = layer.backward_step(out1, out2, dx1, dx2, sides[2 * i: 2 * i + 2],
-                                                           inputs, seeds, run.compute_dtype)
+                carry = list(layer.backward_step(carry, sides[2 * i: 2 * i + 2], inputs, seeds, run.compute_dtype))
+                out1, out2 = carry[0], carry[1]
                 if kept:
-                    rebuilt = torch.stack([out1.value, out2.value]).double()
+                    rebuilt = torch.stack([coupling.value_of(out1), coupling.value_of(out2)]).double()
                     error = (rebuilt - kept[i]).norm() / kept[i].double().norm().clamp_min(1e-30)
                     worst = torch.maximum(worst, error)
                 if checksums:
@@ -214,6 +243,8 @@ class ReversibleFunction(torch.autograd.Function):
                             "between forward and backward?). This backward was aborted: gradients of the layers above are "
                             "incomplete, so zero them and do not step the optimizer."
                         )
+                del out1, out2
+        dx1, dx2 = carry[2], carry[3]
         if kept:
             run.report(worst.item())
         input_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
