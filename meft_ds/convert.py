@@ -23,6 +23,12 @@ class _Block:
     def __init__(self, family: Family, kind: str):
         self.family, self.kind = family, kind
 
+    @property
+    def parts(self):
+        """(attention, ffn) for a whole layer, which is ffn(attention(h)): the reversible backward
+        recomputes it in two stages (MEFTLayer.recompute_backward); None for the other kinds."""
+        return (_Block(self.family, "attention"), _Block(self.family, "ffn")) if self.kind == "layer" else None
+
     def __call__(self, owner: MEFTLayer, hidden_states, inputs):
         layer = owner.layer
         if self.kind == "adapter":

@@ -109,6 +109,38 @@ class MEFTLayer(nn.Module):
                                           self.beta)
         return ((y2, y1) if self.switched else (y1, y2)), (side1, side2)
 
+    def recompute_backward(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
+                           seed: int | None, compute_dtype: torch.dtype):
+        """block(value) recomputed with autograd on and back-propagated from `grad`.
+
+        Returns (the block's output, detached; the gradient for `value`). A block with `parts` = (first,
+        second), block = second o first (a whole pretrained layer: attention, then the FFN), is done in two
+        stages so that the first part's graph (the attention maps) is not alive during the second part's
+        backward: first without grad and second with grad and its backward, drawing the forward's random
+        numbers in the forward's order; then first again, with grad, for its own backward. Costs one more
+        forward of the first part; the output is the one the forward computed, bit for bit.
+        """
+        leaf = value.detach().requires_grad_(True)
+        parts = getattr(block, "parts", None)
+        if parts is None:
+            with torch.enable_grad():
+                out = self.run_block(block, leaf, inputs, seed, compute_dtype)
+                torch.autograd.backward(out, grad)
+            return out.detach(), leaf.grad
+        first, second = parts
+        with seeded_rng(seed, value.device):
+            with torch.no_grad():
+                middle = first(self, value.to(compute_dtype), inputs)
+            with torch.enable_grad():
+                middle = middle.requires_grad_(True)
+                out = second(self, middle, inputs).to(value.dtype)
+                torch.autograd.backward(out, grad)
+        middle_grad = middle.grad
+        del middle
+        with seeded_rng(seed, value.device), torch.enable_grad():
+            torch.autograd.backward(first(self, leaf.to(compute_dtype), inputs), middle_grad)
+        return out.detach(), leaf.grad
+
     def backward_step(self, carry: list, sides, inputs, seeds, compute_dtype):
         """Rebuild this layer's input from its output and propagate gradients, eqs. (3)-(7).
 
@@ -125,27 +157,20 @@ class MEFTLayer(nn.Module):
         y1, y2, dy1, dy2 = (out2, out1, dout2, dout1) if self.switched else (out1, out2, dout1, dout2)
         del out1, out2, dout1, dout2
         y2 = coupling.state_only(y2)
-        with torch.enable_grad():
-            y1_leaf = coupling.value_of(y1).detach().requires_grad_(True)
-            y1 = coupling.state_only(y1)
-            g_out = self.run_block(self.g, y1_leaf, inputs, seeds[1], compute_dtype)
-            torch.autograd.backward(g_out, dy2)
-        g_out = g_out.detach()
-        dy1_total = y1_leaf.grad.add_(dy1)                                       # (5)
-        del y1_leaf, dy1
+        y1_value = coupling.value_of(y1)
+        y1 = coupling.state_only(y1)
+        g_out, y1_grad = self.recompute_backward(self.g, y1_value, dy2, inputs, seeds[1], compute_dtype)
+        del y1_value
+        dy1_total = y1_grad.add_(dy1)                                              # (5)
+        del y1_grad, dy1
         x2 = coupling.split(y2, g_out, self.beta, sides[1])                        # (3)
         del y2, g_out
         beta_dy2 = dy2 if self.beta == 1.0 else self.beta * dy2
         del dy2
-        with torch.enable_grad():
-            x2_value = coupling.value_of(x2)
-            x2_leaf = x2_value.detach().requires_grad_(True)
-            f_out = self.run_block(self.f, x2_leaf, inputs, seeds[0], compute_dtype)
-            torch.autograd.backward(f_out, dy1_total)
-        f_out = f_out.detach()
-        dx2 = x2_leaf.grad.add_(beta_dy2)                                          # (6)
-        del x2_leaf, beta_dy2
-        x2 = Stream(x2_value, x2.state)
+        x2 = Stream(coupling.value_of(x2), x2.state)
+        f_out, x2_grad = self.recompute_backward(self.f, x2.value, dy1_total, inputs, seeds[0], compute_dtype)
+        dx2 = x2_grad.add_(beta_dy2)                                               # (6)
+        del x2_grad, beta_dy2
         x1 = coupling.split(y1, f_out, self.lam, sides[0])                         # (4)
         dx1 = dy1_total if self.lam == 1.0 else dy1_total.mul_(self.lam)           # (7)
         return x1, x2, dx1, dx2

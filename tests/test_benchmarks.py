@@ -82,8 +82,12 @@ def test_peak_tensor_memory_flat_for_reversible_and_growing_for_checkpointing(be
     results, _, cfg = bench
     meft = results["depth"]["series"]["meft1"]["peak_tensor_bytes"]
     checkpointed = results["depth"]["series"]["lora_gc"]["peak_tensor_bytes"]
-    # Reversible: only the adapters' weight gradients grow with depth (a few KiB here).
-    assert meft[-1] < 1.1 * meft[0], f"meft1 peak tensor memory grows with depth {cfg.depths}: {meft}"
+    # Reversible: only the adapters' weight gradients grow with depth (the peak is in the lowest layer's
+    # backward, when all of them exist): 2 adapters per MEFT1 layer of (64*8 + 8 + 8*64 + 64) fp32 weights.
+    adapter_grad_bytes_per_layer = 2 * (64 * 8 + 8 + 8 * 64 + 64) * 4
+    growth = meft[-1] - meft[0]
+    assert growth <= (cfg.depths[-1] - cfg.depths[0]) * adapter_grad_bytes_per_layer, \
+        f"meft1 peak tensor memory grows with depth {cfg.depths} by more than its adapter gradients: {meft}"
     assert checkpointed[-1] > checkpointed[0] + (cfg.depths[-1] - cfg.depths[0]) * 2 * 32 * 64 * 4 * 0.9
     count = results["count"]
     for label, r in count.items():  # the peak includes what is held after forward
