@@ -178,3 +178,13 @@ def test_exact_reconstruction_with_lam_one_eighth(monkeypatch, lam):
     assert len(forward_inputs) == len(rebuilt) == 12
     for key, (x1, x2) in forward_inputs.items():
         assert torch.equal(rebuilt[key][0], x1) and torch.equal(rebuilt[key][1], x2)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_exact_reconstruction_with_and_without_split_layer_recompute(monkeypatch, split):
+    model = exact_model("opt", tf.OPTForCausalLM, "meft1", 12, torch.float32, split_layer_recompute=split)
+    forward_inputs, rebuilt = record_reconstructions(monkeypatch)
+    embedding_grad_step(model, make_batch(model, batch_size=2, seq_len=8), "reversible")
+    assert len(forward_inputs) == len(rebuilt) == 12
+    for key, (x1, x2) in forward_inputs.items():
+        assert torch.equal(rebuilt[key][0], x1) and torch.equal(rebuilt[key][1], x2)
