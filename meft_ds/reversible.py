@@ -197,6 +197,9 @@ class ReversibleFunction(torch.autograd.Function):
     require grad (e.g. a decoder's encoder_hidden_states) get their gradient. Parameters are never
     inputs of this Function (DEEPSPEED.md rule 3). Returns the top streams' values and, for the exact
     arithmetic, their integer states (not differentiable) so that cached layers above continue exactly.
+    Backward rebuilds every layer's input in place in the storage of the saved top streams (which the
+    returned values/states share): they are not to be read after backward; a second backward through
+    the same graph (retain_graph) fails loudly on autograd's version check instead of using them.
     """
 
     @staticmethod

@@ -188,3 +188,16 @@ def test_exact_reconstruction_with_and_without_split_layer_recompute(monkeypatch
     assert len(forward_inputs) == len(rebuilt) == 12
     for key, (x1, x2) in forward_inputs.items():
         assert torch.equal(rebuilt[key][0], x1) and torch.equal(rebuilt[key][1], x2)
+
+
+@pytest.mark.parametrize("arithmetic", ["exact", "float"])
+def test_second_backward_through_the_same_graph_fails_loudly(arithmetic):
+    """Backward rebuilds the layer inputs in place in the saved top streams: a retained graph cannot be
+    back-propagated twice silently with the overwritten streams."""
+    model = build("bert", tf.BertForSequenceClassification, num_layers=2, dtype=torch.float32)
+    make_reversible(model, MEFTConfig(stream_arithmetic=arithmetic))
+    model.train()
+    loss = model(**make_batch(model, batch_size=2, seq_len=8)).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
