@@ -75,7 +75,9 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
     Every layer list of the model (BART: encoder and decoder, each on its own) becomes one MEFTStack:
     its lowest `num_frozen_layers` layers stay original and run without gradient, the next
     `num_reversible_layers` become reversible MEFT layers and the rest cached MEFT layers.
-    Afterwards only adapters, the stream mix and the task head require grad.
+    Afterwards only adapters, the stream mix and the task head require grad, and the model's
+    save_pretrained writes the adapter directory (meft_ds.adapter_io) while its gradient-checkpointing
+    switches act on the cached MEFT layers (`set_checkpointing`).
 
     Raises ValueError for an unsupported model_type (listing the supported ones), a model converted
     twice, or layer counts that do not fit the model.
