@@ -91,3 +91,9 @@ def test_launcher_command_in_usage_doc(tiny_bert, tmp_path):
     assert result.returncode == 0, result.stderr[-5000:]
     assert load_adapter_model(str(output)).meft_config is not None
 
+
+
+def test_checkpointing_memory_example(tiny_bert):
+    results = _example("checkpointing_memory.py")(["--model_name_or_path", str(tiny_bert), "--num_reversible_layers",
+                                                   "1", "--batch_size", "2", "--seq_len", "16"])
+    assert results["cached_top_layers_checkpointed"] < results["cached_top_layers"]
