@@ -60,7 +60,8 @@ class ModelRecipe:
     """How the trained model is built from the original pretrained one; saved as adapter_config.json.
 
     The same record is written by `model.save_pretrained` (Python API, Trainer) and by the launcher's
-    export, and read back by `load_adapter_model` (and by a resumed run to check it continues the same model).
+    export, and read back by `load_adapter_model`. Raises ValueError for an unknown method, a MEFT
+    recipe without meft_config, or no way to name the Auto class.
     """
 
     method: str  # meft | lora | full

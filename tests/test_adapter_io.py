@@ -185,3 +185,19 @@ def test_gradient_checkpointing_is_refused_when_every_layer_is_reversible(bert_d
     with pytest.raises(ValueError, match="every MEFT layer is reversible"):
         set_checkpointing(model, True)
     assert meft_ds.set_checkpointing(model, False) is model
+
+
+def test_copies_save_their_own_weights(saved, tmp_path):
+    """save_pretrained is bound per model: a deepcopy or an unpickled copy saves itself, not the original."""
+    import copy
+    import io
+
+    original = saved[3]
+    buffer = io.BytesIO()
+    torch.save(original, buffer)
+    buffer.seek(0)
+    for i, clone in enumerate([copy.deepcopy(original), torch.load(buffer, weights_only=False)]):
+        with torch.no_grad():
+            clone.classifier.weight.add_(1.0)
+        clone.save_pretrained(str(tmp_path / str(i)))
+        assert torch.equal(load_adapter_model(str(tmp_path / str(i))).classifier.weight, clone.classifier.weight)
