@@ -94,12 +94,14 @@ def main(argv=None) -> dict | None:
     trained = trainer.model.eval()
     changed = sum(not torch.equal(p.detach().float().cpu(), initial[name].float().cpu())
                   for name, p in trained.named_parameters() if name in initial)
-    reloaded = meft_ds.load_adapter_model(args.output_dir)
+    # Both on the trained model's device and dtype, so equal weights give bit-equal logits.
+    reloaded = meft_ds.load_adapter_model(args.output_dir).to(device=trained.device, dtype=trained.dtype)
     batch = collate_fn(tokenizer)(list(eval_set))
     labels = batch.pop("labels")
+    batch = {k: v.to(trained.device) for k, v in batch.items()}
     with torch.no_grad():
-        trained_logits = trained(**{k: v.to(trained.device) for k, v in batch.items()}).logits.float().cpu()
-        reloaded_logits = reloaded(**batch).logits
+        trained_logits = trained(**batch).logits.float().cpu()
+        reloaded_logits = reloaded(**batch).logits.float().cpu()
     engine = trainer.model_wrapped
     results = {
         "world_size": training_args.world_size,

@@ -164,15 +164,14 @@ def build_model(recipe: ModelRecipe, model_name_or_path: str | None = None) -> n
     import transformers
 
     base = model_name_or_path or recipe.base_model_name_or_path
-    options = {"dtype": torch.float32}
+    options = {}
     if recipe.pad_token_id is not None:
         options["pad_token_id"] = recipe.pad_token_id
     if recipe.auto_class != "AutoModelForCausalLM":
         options["num_labels"] = recipe.num_labels
     model_config = transformers.AutoConfig.from_pretrained(base, **options)
-    check_base(recipe, model_config, base)
-    model = getattr(transformers, recipe.auto_class).from_pretrained(base, config=model_config,
-                                                                     dtype=torch.float32)
+    check_base(recipe, model_config, base)  # before any weight is read
+    model = getattr(transformers, recipe.auto_class).from_pretrained(base, config=model_config, dtype=torch.float32)
     if recipe.method == "meft":
         make_reversible(model, MEFTConfig.from_dict(recipe.meft_config))
     elif recipe.method == "lora":
