@@ -4,6 +4,7 @@ DeepSpeed; and the launcher's one-line errors for bad input, which leave existin
 from __future__ import annotations
 
 import itertools
+import sys
 import json
 from pathlib import Path
 
@@ -217,8 +218,9 @@ def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, cas
         flags += ["--train_file", tmp_path / "missing.csv"]
         expected = "--train_file"
     else:
-        if torch.cuda.is_available():
-            pytest.skip("fp16 is supported on this machine")
+        if fp16_supported_here():
+            pytest.skip("this machine's accelerator supports fp16, so fp16 is not a bad input here "
+                        "(test_fp16_is_refused_only_where_the_accelerator_lacks_it covers both answers)")
         flags += ["--deepspeed", "zero2_fp16"]
         expected = "fp16 (from"
     result = run(launcher_command("python", free_port()) + flags, timeout=300)
@@ -230,3 +232,28 @@ def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, cas
         assert (output / "results.json").read_text() == '{"accuracy": 0.9}'
     else:
         assert not output.exists()
+
+
+def fp16_supported_here() -> bool:
+    """What DeepSpeed's accelerator answers in the launched runs (DS_ACCELERATOR as launch_env sets it)."""
+    code = "from deepspeed.accelerator import get_accelerator; print(get_accelerator().is_fp16_supported())"
+    result = run([sys.executable, "-c", code], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("supported", [False, True])
+def test_fp16_is_refused_only_where_the_accelerator_lacks_it(monkeypatch, supported):
+    from deepspeed.accelerator import get_accelerator
+
+    from meft_ds.training.trainer import check_precision_supported
+
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: supported)
+    args = RunArgs(model_name_or_path="unused", fp16=True)
+    if supported:
+        check_precision_supported(args, "zero2_fp16")
+    else:
+        with pytest.raises(ValueError, match=r"fp16 \(from zero2_fp16 or --fp16\) is not supported") as error:
+            check_precision_supported(args, "zero2_fp16")
+        assert "\n" not in str(error.value)
+    check_precision_supported(RunArgs(model_name_or_path="unused", bf16=True), "zero2_bf16")  # never asks

@@ -136,17 +136,13 @@ def setup(args: RunArgs) -> Run:
     one line). Safe to call several times in one process: the process group is set up once.
     """
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
     env = init_distributed(args.master_port)
     _setup_logging(env)
     args.check_inputs()
     source = str(resolve_preset(args.deepspeed))
     ds_config, args = merge_ds_config(load_preset(args.deepspeed), args, env.world_size, source=source)
-    accelerator = get_accelerator()
-    if args.fp16 and not accelerator.is_fp16_supported():
-        raise ValueError(f"fp16 (from {source} or --fp16) is not supported on this {accelerator.device_name()} "
-                         "accelerator; use --bf16 or fp32 here, fp16 on a GPU.")
+    check_precision_supported(args, source)
     resume_path = None
     if args.resume_from_checkpoint:
         resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
@@ -193,6 +189,19 @@ def setup(args: RunArgs) -> Run:
     barrier()  # every rank passed every check before rank 0 writes anything
     return Run(args, env, ds_config, spec, data, collate_fn(tokenizer), recipe, engine, optimizer, scheduler,
                total_steps, steps_per_epoch, global_size, trainable, state)
+
+
+def check_precision_supported(args: RunArgs, source: str) -> None:
+    """Raise ValueError (one line) when the run asks for fp16 and DeepSpeed's accelerator says it has none.
+
+    The accelerator is asked, not assumed: some CPUs (AVX512-FP16) do support fp16, most do not.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if args.fp16 and not accelerator.is_fp16_supported():
+        raise ValueError(f"fp16 (from {source} or --fp16) is not supported on this {accelerator.device_name()} "
+                         "accelerator; use --bf16 or fp32 here, fp16 on a GPU.")
 
 
 def _precision(args: RunArgs) -> str:
