@@ -174,6 +174,10 @@ class ReversibleFunction(torch.autograd.Function):
         ctx.side_present = [side is not None for side in sides]
         ctx.num_inputs = len(input_tensors)
         ctx.num_checksums = len(checksums)
+        if checksums:
+            # A stream poisoned by a non-finite or out-of-range value (coupling.py) is NaN everywhere: one
+            # element of each top stream tells backward whether the forward was poisoned.
+            checksums.append(torch.stack([x.value.detach()[(0,) * x.value.dim()] for x in (x1, x2)]))
         ctx.save_for_backward(coupling.to_saved(x1), coupling.to_saved(x2), *input_tensors,
                               *[side for side in sides if side is not None], *checksums, *kept)
         if coupling.needs_side_buffers:
@@ -191,6 +195,11 @@ class ReversibleFunction(torch.autograd.Function):
         rest = iter(saved[2 + ctx.num_inputs:])
         sides = [next(rest) if present else None for present in ctx.side_present]
         checksums = [next(rest) for _ in range(ctx.num_checksums)]
+        if checksums:
+            # Poisoned forward: the loss and these gradients are NaN already (as in vanilla mode) and the
+            # integer states hold no meaningful values, so there is no reconstruction to verify.
+            if not torch.isfinite(next(rest)).all():
+                checksums = []
         kept = list(rest)
         worst = torch.zeros((), dtype=torch.float64, device=dx1.device)
         leaves = [t.detach().requires_grad_(True) if need else t.detach()
