@@ -102,3 +102,38 @@ def test_a_forward_overflow_reaches_the_optimizer_step_as_a_non_finite_gradient(
     trainable = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
     assert not math.isfinite(float(norm))
+
+
+def test_the_step_guard_decides_from_the_reduced_values():
+    from meft_ds.training.trainer import MAX_CONSECUTIVE_NONFINITE, NonFiniteError, NonFiniteGuard
+
+    stop = NonFiniteGuard("stop", fp16=False, rank=0)
+    assert stop.check(1, [0.5, 0.7], 1.2, applied=True)
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss on rank 1 \(nan\), gradient norm inf"):
+        stop.check(2, [0.5, float("nan")], float("inf"), applied=False)
+    with pytest.raises(NonFiniteError, match="applied this step"):  # weights already updated with it
+        NonFiniteGuard("skip", fp16=False, rank=0).check(3, [float("inf")], None, applied=True)
+    fp16 = NonFiniteGuard("stop", fp16=True, rank=0)
+    assert not fp16.check(4, [0.5], float("inf"), applied=False)  # the loss scaler's normal skip
+    skip = NonFiniteGuard("skip", fp16=False, rank=0)
+    for step in range(1, MAX_CONSECUTIVE_NONFINITE):
+        assert not skip.check(step, [float("nan")], float("nan"), applied=False)
+    assert skip.check(50, [0.5], 1.0, applied=True) and skip.consecutive == 0
+    for step in range(1, MAX_CONSECUTIVE_NONFINITE):
+        skip.check(step, [float("nan")], float("nan"), applied=False)
+    with pytest.raises(NonFiniteError, match="in a row"):
+        skip.check(99, [float("nan")], float("nan"), applied=False)
+
+
+def test_non_finite_weights_are_never_exported(tmp_path):
+    from meft_ds.training.checkpoint import NonFiniteAdapterError, export_adapter
+    from meft_ds.training.distributed import DistEnv
+
+    class Engine:
+        module = torch.nn.Linear(2, 2)
+
+    with torch.no_grad():
+        Engine.module.bias[1] = float("nan")
+    with pytest.raises(NonFiniteAdapterError, match=r"1 trained weight\(s\) hold NaN or Inf \(first: bias\)"):
+        export_adapter(Engine(), None, str(tmp_path / "out"), DistEnv(rank=0, world_size=1, local_rank=0))
+    assert not (tmp_path / "out").exists()

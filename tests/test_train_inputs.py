@@ -203,10 +203,13 @@ def test_param_groups_hold_only_trainable_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["nonempty_output_dir", "conflicting_ds_value", "missing_train_file", "fp16_on_cpu"])
+@pytest.mark.parametrize("case", ["nonempty_output_dir", "conflicting_ds_value", "missing_train_file", "fp16_on_cpu",
+                                  "hub_task_offline"])
 def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, case):
     output = tmp_path / "out"
     flags = ["--output_dir", output]
+    # An empty datasets cache: a hub task is never found there, whatever this machine downloaded before.
+    extra_env = {"HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
     if case == "nonempty_output_dir":
         output.mkdir()
         (output / "results.json").write_text('{"accuracy": 0.9}')
@@ -217,13 +220,16 @@ def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, cas
     elif case == "missing_train_file":
         flags += ["--train_file", tmp_path / "missing.csv"]
         expected = "--train_file"
+    elif case == "hub_task_offline":  # launch_env sets HF_HUB_OFFLINE=1
+        flags += ["--task_name", "rte"]
+        expected = "offline, pass --data_dir"
     else:
         if fp16_supported_here():
             pytest.skip("this machine's accelerator supports fp16, so fp16 is not a bad input here "
                         "(test_fp16_is_refused_only_where_the_accelerator_lacks_it covers both answers)")
         flags += ["--deepspeed", "zero2_fp16"]
         expected = "fp16 (from"
-    result = run(launcher_command("python", free_port()) + flags, timeout=300)
+    result = run(launcher_command("python", free_port()) + flags, timeout=300, extra_env=extra_env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: " in result.stderr and expected in result.stderr
     assert "Traceback" not in result.stderr

@@ -125,9 +125,20 @@ def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
+class NonFiniteAdapterError(ValueError):
+    """The trained weights hold NaN or Inf: they are not exported."""
+
+
 def export_adapter(engine, recipe: ModelRecipe, output_dir: str, env: DistEnv) -> None:
-    """Write the adapter directory (adapter_io.write_adapter) into output_dir on rank 0. Collective."""
+    """Write the adapter directory (adapter_io.write_adapter) into output_dir on rank 0. Collective.
+
+    Raises NonFiniteAdapterError (on every rank, nothing written) when a trained weight is not finite.
+    """
     state = trainable_state_dict(engine)
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteAdapterError(f"{len(bad)} trained weight(s) hold NaN or Inf (first: {bad[0]}); "
+                                    f"the adapter is not exported to {output_dir}.")
     if env.is_main:
         write_adapter(output_dir, state, recipe)
     barrier()

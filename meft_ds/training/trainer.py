@@ -26,7 +26,7 @@ from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
 from ..telemetry import RankTelemetry, optimizer_state_bytes
 from .args import RunArgs
 from .checkpoint import export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
-from .distributed import DistEnv, all_gather_floats, all_reduce_mean, barrier, init_distributed, local_main_first
+from .distributed import DistEnv, all_gather_floats, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
 from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, param_groups
 
@@ -53,6 +53,59 @@ def linear_schedule(total_steps: int, warmup_steps: int):
             return (step + 1) / (warmup_steps + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return factor
+
+
+class NonFiniteError(RuntimeError):
+    """A training step's loss or gradient norm was not finite and the run stops (--nonfinite, docs/errors.md)."""
+
+
+# --nonfinite skip (bf16/fp32): this many non-finite steps in a row mean the run diverged, not a stray batch.
+MAX_CONSECUTIVE_NONFINITE = 10
+
+
+class NonFiniteGuard:
+    """Checks each optimizer step's loss (all ranks) and gradient norm; decides to go on or to stop.
+
+    Uses only what the step already computed: the per-rank losses gathered for logging and DeepSpeed's
+    global gradient norm and overflow decision (both reduced across ranks inside engine.step()). Every
+    rank therefore takes the same decision. DeepSpeed skips a step whose gradients are not finite (ZeRO
+    with fp16 or bf16 always, fp32 when it computes the gradient norm); with fp16 that skip, and the loss
+    scale it lowers, is the normal path. Otherwise `policy` says: "stop" raises NonFiniteError (nothing
+    is saved or exported afterwards); "skip" goes on unless MAX_CONSECUTIVE_NONFINITE steps in a row were
+    skipped. A non-finite step that DeepSpeed applied anyway always stops: the weights are no longer finite.
+    """
+
+    def __init__(self, policy: str, fp16: bool, rank: int):
+        self.policy, self.fp16, self.rank = policy, fp16, rank
+        self.consecutive = 0
+
+    def check(self, step: int, rank_losses: list[float], grad_norm, applied: bool) -> bool:
+        """True when the step counts as trained; False when it was skipped (logged). Raises NonFiniteError."""
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        bad_ranks = [r for r, value in enumerate(rank_losses) if not math.isfinite(value)]
+        norm_ok = grad_norm is None or math.isfinite(grad_norm)
+        if not bad_ranks and norm_ok and applied:
+            self.consecutive = 0
+            return True
+        what = (f"step {step}: " + (f"non-finite loss on rank {', '.join(map(str, bad_ranks))} "
+                                    f"({', '.join(str(rank_losses[r]) for r in bad_ranks)})" if bad_ranks else "loss finite")
+                + f", gradient norm {grad_norm}")
+        if applied:
+            raise NonFiniteError(f"{what}, and the optimizer applied this step (DeepSpeed checked no gradient "
+                                 "overflow: ZeRO stage 0 fp32, or gradient-norm computation off), so the weights are "
+                                 "no longer trustworthy; the run stops without saving or exporting them.")
+        self.consecutive += 1
+        if self.fp16:
+            logger.warning("%s: step skipped by the fp16 loss scaler (it lowers the loss scale)", what)
+            return False
+        if self.policy == "stop":
+            raise NonFiniteError(f"{what}: DeepSpeed skipped the step, and --nonfinite stop ends the run here "
+                                 f"(rank {self.rank} reporting); --nonfinite skip would continue past such steps.")
+        if self.consecutive >= MAX_CONSECUTIVE_NONFINITE:
+            raise NonFiniteError(f"{what}: {self.consecutive} non-finite steps in a row, the run diverged "
+                                 f"(--nonfinite skip stops after {MAX_CONSECUTIVE_NONFINITE}).")
+        logger.warning("%s: step skipped (--nonfinite skip; %d in a row)", what, self.consecutive)
+        return False
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -250,6 +303,7 @@ def fit(run: Run) -> dict:
     progress = tqdm(total=run.total_steps, initial=state["global_step"], disable=not env.is_main, desc="train",
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
     start_step, start_time, epoch, batches = state["global_step"], time.perf_counter(), None, []
+    guard = NonFiniteGuard(args.nonfinite, bool(args.fp16), env.rank)
     run_losses = []
     while state["global_step"] < run.total_steps:
         step = state["global_step"]
@@ -272,8 +326,10 @@ def fit(run: Run) -> dict:
             engine.step()
             loss_sum += loss.detach().float().cpu()
         rank_loss = (loss_sum / accumulation).item()
-        loss_value = all_reduce_mean(loss_sum / accumulation)
+        rank_losses = [values[0] for values in all_gather_floats([rank_loss])]
+        loss_value = sum(rank_losses) / len(rank_losses)
         state["global_step"] = step = step + 1
+        guard.check(step, rank_losses, engine.get_global_grad_norm(), engine.was_step_applied())
         run_losses.append(loss_value)
         telemetry.end_step(step, time.perf_counter() - step_start, samples, tokens, rank_loss, learning_rate)
         progress.update(1)
