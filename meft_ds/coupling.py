@@ -58,7 +58,7 @@ class FloatCoupling:
     def from_saved(self, saved: torch.Tensor) -> Stream:
         return Stream(saved, None)
 
-    def checksum(self, stream: Stream) -> torch.Tensor | None:
+    def checksum(self, stream: Stream, key: int) -> torch.Tensor | None:
         return None  # float reconstruction is approximate by design: nothing to verify bit-exactly
 
 
@@ -137,9 +137,14 @@ class ExactCoupling:
 
     def split(self, y: Stream, block_out: torch.Tensor, factor: float, side) -> Stream:
         m = self.divisor(factor)
-        diff = y.state - self.quantise(block_out)[0]
+        quantised, poison = self.quantise(block_out)
+        diff = y.state - quantised
         state = diff if m == 1 else diff * m + side.to(torch.int64)
-        return Stream(self.decode(state), state)
+        # Poisoned when the recomputed block output was not finite or out of range (the forward's was not, or
+        # backward would not check): the checksum then fails, and the error can say why.
+        value = self.decode(state)
+        value.add_(poison)
+        return Stream(value, state)
 
     def to_saved(self, stream: Stream) -> torch.Tensor:
         return stream.state
@@ -147,8 +152,33 @@ class ExactCoupling:
     def from_saved(self, saved: torch.Tensor) -> Stream:
         return Stream(self.decode(saved), saved)
 
-    def checksum(self, stream: Stream) -> torch.Tensor:
-        """Two int64 sums (plain and position-weighted, wrapping on overflow): any changed element shows."""
+    def checksum(self, stream: Stream, key: int) -> torch.Tensor:
+        """Two int64 words: a keyed hash of the state, sum_i w_i * state_i (mod 2^64) per word.
+
+        The weight of element (row j, column c) of the state laid out in rows of CHECKSUM_ROW is
+        w = a_c * b_j, with odd a, b drawn (splitmix64) from `key`, which changes every step and layer. Odd
+        weights make any single changed element show with certainty; structured changes (e.g. +1, -2, +1 on
+        adjacent elements, or two elements swapped) cancel only if random weights happen to line up
+        (about 2^-64 per word). Cost: one multiply and one sum over the state, plus row-sized work.
+        """
         flat = stream.state.reshape(-1)
-        weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 8191 + 1
-        return torch.stack([flat.sum(), (flat * weights).sum()])
+        rows, tail = divmod(flat.numel(), CHECKSUM_ROW)
+        a = _odd_words(key, CHECKSUM_ROW, flat.device)
+        row_sums = (flat[: rows * CHECKSUM_ROW].view(rows, CHECKSUM_ROW) * a).sum(dim=1)
+        if tail:
+            row_sums = torch.cat([row_sums, (flat[rows * CHECKSUM_ROW:] * a[:tail]).sum().view(1)])
+        b = _odd_words(key + 1, 2 * row_sums.numel(), flat.device).view(2, -1)
+        return (b * row_sums).sum(dim=1)
+
+
+# Row length of the checksum's weight table (coupling.ExactCoupling.checksum).
+CHECKSUM_ROW = 1024
+_GOLDEN, _MIX1, _MIX2 = (c - 2 ** 64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _odd_words(key: int, count: int, device) -> torch.Tensor:
+    """`count` pseudo-random odd int64 words from `key` (splitmix64 finaliser on the device; int64 wraps)."""
+    z = (torch.arange(count, device=device, dtype=torch.int64) + (key % 2 ** 62)) * _GOLDEN
+    z = (z ^ (z >> 30)) * _MIX1
+    z = (z ^ (z >> 27)) * _MIX2
+    return (z ^ (z >> 31)) | 1
