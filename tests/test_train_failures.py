@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from train_helpers import SST2_SAMPLE, free_port, launcher_command, run, save_tiny_bert
+from train_helpers import SST2_SAMPLE, free_port, launcher_command, run, save_tiny_bert, write_preset, write_tiny_sst2
 
 
 def write_regression_csv(path, rows: int, bad_row: int | None, bad_label: str = "1e30"):
@@ -59,3 +59,71 @@ def test_a_non_finite_step_stops_or_is_skipped(tmp_path, tiny_model, policy):
         assert all(torch.isfinite(t).all() for t in weights.values())
         state = json.loads((output / "trainer_state.json").read_text())
         assert state["global_step"] == 4
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model):
+    """A finished 4-step MEFT1 run (ZeRO-2 fp32, no warm-up) with checkpoints at steps 2 and 4."""
+    tmp_path = tmp_path_factory.mktemp("resume")
+    write_tiny_sst2(tmp_path / "data", train_lines=32, dev_lines=8)
+    result = run(sst2_flags(tmp_path, tiny_model, "first") + ["--max_steps", 4, "--save_steps", 2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path
+
+
+def sst2_flags(tmp_path, model, output: str) -> list:
+    return [*launcher_command("python", free_port()), "--model_name_or_path", model, "--task_name", "sst2",
+            "--data_dir", tmp_path / "data", "--max_seq_length", 32, "--per_device_train_batch_size", 8,
+            "--learning_rate", 1e-3, "--logging_steps", 1, "--variant", "meft1", "--output_dir", tmp_path / output]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, field", [
+    (["--variant", "meft2"], "model_recipe.meft_config.variant='meft1', this run has 'meft2'"),
+    (["--deepspeed", "zero3"], "zero_stage=2, this run has 3"),
+])
+def test_a_resume_that_is_not_the_same_run_is_refused(finished_run, tiny_model, change, field):
+    flags = sst2_flags(finished_run, tiny_model, "other") + ["--max_steps", 4, "--resume_from_checkpoint",
+                                                             finished_run / "first" / "checkpoint-2"]
+    if change[0] == "--deepspeed":
+        change = ["--deepspeed", write_preset(finished_run / "zero3.json", stage=3)]
+    result = run(flags + change, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and field in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (finished_run / "other").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_with_more_steps_continues_on_the_recomputed_schedule(finished_run, tiny_model):
+    """The finished run's step 4 ran at 0.25 of the peak and left lr 0 for a next step (linear decay to 0 at
+    step 4); resumed for 8 steps, step 5 runs at the new schedule's (8 - 4) / 8 = 0.5 of the peak instead,
+    and the log says so."""
+    result = run(sst2_flags(finished_run, tiny_model, "longer") + [
+        "--max_steps", 8, "--resume_from_checkpoint", finished_run / "first" / "checkpoint-4"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the learning-rate schedule is recomputed for 8 steps (0 warm-up): step 5 runs at lr 0.0005" in result.stderr
+    state = json.loads((finished_run / "longer" / "trainer_state.json").read_text())
+    rates = {e["step"]: e["train/learning_rate"] for e in state["log_history"] if "train/learning_rate" in e}
+    assert rates[4] == pytest.approx(0.25e-3) and rates[5] == pytest.approx(0.5e-3) and rates[8] == pytest.approx(0.125e-3)
+    assert state["total_steps"] == 8 and state["model_recipe"]["meft_config"]["variant"] == "meft1"
+
+
+def test_check_same_run_names_every_differing_field_in_one_line():
+    from meft_ds.training.trainer import check_same_run
+
+    saved = {"model_recipe": {"method": "meft", "base_model_name_or_path": "a",
+                              "meft_config": {"variant": "meft1", "adapter_dim": 8, "backward": "reversible"}},
+             "zero_stage": 2, "precision": "fp32", "optimizer": {"type": "AdamW"}}
+    same = json.loads(json.dumps(saved))
+    same["model_recipe"]["base_model_name_or_path"] = "moved"  # the base model may move
+    same["model_recipe"]["meft_config"]["backward"] = "vanilla"  # the same function, other memory trade-off
+    check_same_run(saved, same, "ckpt")
+    other = json.loads(json.dumps(saved))
+    other["model_recipe"]["meft_config"]["adapter_dim"] = 4
+    other["precision"] = "bf16"
+    with pytest.raises(ValueError, match=r"model_recipe.meft_config.adapter_dim=8, this run has 4; precision='fp32', "
+                                         r"this run has 'bf16'\. Resume") as error:
+        check_same_run(saved, other, "ckpt")
+    assert "\n" not in str(error.value)
+    check_same_run({"global_step": 3}, other, "old checkpoint")  # written before the check existed: warned only

@@ -9,6 +9,7 @@ exactly where the interrupted one was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
 from ..telemetry import RankTelemetry, optimizer_state_bytes
 from .args import RunArgs
-from .checkpoint import export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
+from .checkpoint import TRAINER_STATE, export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
 from .distributed import DistEnv, all_gather_floats, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
 from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, param_groups
@@ -216,6 +217,9 @@ def setup(args: RunArgs) -> Run:
 
     torch.manual_seed(args.seed)  # adapter / head init; dropout draws continue from here (saved per checkpoint)
     recipe = make_recipe(args, spec, tokenizer)
+    identity = run_identity(recipe, ds_config, args)
+    if resume_path is not None:
+        check_same_run(json.loads((resume_path / TRAINER_STATE).read_text()), identity, resume_path)
     model = build_model(recipe)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_parameters = sum(p.numel() for p in model.parameters())
@@ -232,16 +236,76 @@ def setup(args: RunArgs) -> Run:
     if recipe.meft_config is not None:
         logger.info("MEFT: %s", json.dumps(recipe.meft_config, sort_keys=True))
 
-    state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": []}
+    state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": [],
+             "total_steps": total_steps, **identity}
     if resume_path is not None:
         state = load_checkpoint(engine, resume_path, env)
         if state["global_batch_size"] != global_size:
             raise ValueError(f"{resume_path} was trained with global batch {state['global_batch_size']}, this run "
                              f"has {global_size}; resume with the same batch flags so the data order continues.")
+        if total_steps < state["global_step"]:
+            raise ValueError(f"{resume_path} is at step {state['global_step']}, past this run's {total_steps} steps "
+                             "(--max_steps / --num_train_epochs); pass a larger --max_steps to train on.")
         logger.info("resumed from %s at step %d", resume_path, state["global_step"])
+        continue_schedule(scheduler, schedule, state.get("total_steps"), total_steps, warmup_steps, state["global_step"])
+        state.update(total_steps=total_steps, **identity)
     barrier()  # every rank passed every check before rank 0 writes anything
     return Run(args, env, ds_config, spec, data, collate_fn(tokenizer), recipe, engine, optimizer, scheduler,
                total_steps, steps_per_epoch, global_size, trainable, state)
+
+
+# Fields of the run identity a resumed run may change: the base model may have moved, and the backward mode
+# computes the same function (it only trades memory for recomputation).
+MAY_DIFFER_ON_RESUME = ("model_recipe.base_model_name_or_path", "model_recipe.meft_config.backward")
+
+
+def run_identity(recipe: ModelRecipe, ds_config: dict, args: RunArgs) -> dict:
+    """What makes a resumed run the same run, stored in every checkpoint's trainer_state.json: the model
+    recipe (the record adapter_config.json holds: one schema), the ZeRO stage, the precision and the
+    optimizer (type and settings, e.g. lr, betas, eps, weight decay)."""
+    return {"model_recipe": dataclasses.asdict(recipe), "zero_stage": zero_stage(ds_config),
+            "precision": _precision(args), "optimizer": ds_config.get("optimizer")}
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def check_same_run(saved_state: dict, identity: dict, path) -> None:
+    """Raise ValueError (one line, naming the first differing field) unless the checkpoint in `path` was made
+    by the same run as `identity` describes. Checkpoints written before these fields existed are let through
+    with a warning."""
+    if "model_recipe" not in saved_state:
+        logger.warning("%s predates the run-identity check: its model recipe and ZeRO settings are not verified", path)
+        return
+    saved, current = _flatten({k: saved_state.get(k) for k in identity}), _flatten(identity)
+    fields = list(current) + [field for field in saved if field not in current]  # recipe order: variant first
+    differing = [f"{field}={saved.get(field)!r}, this run has {current.get(field)!r}" for field in fields
+                 if field not in MAY_DIFFER_ON_RESUME and saved.get(field) != current.get(field)]
+    if differing:
+        raise ValueError(f"{path} was trained with {'; '.join(differing)}. Resume with the same settings, or start "
+                         "a new run in another --output_dir.")
+
+
+def continue_schedule(scheduler, schedule, saved_total: int | None, total_steps: int, warmup_steps: int,
+                      step: int) -> None:
+    """A resume with another step count continues on the schedule recomputed for the new count.
+
+    The loaded scheduler already uses the new schedule for every later step, but the learning rate of the next
+    step was set by the old one (0.0 after a finished run's last step). It is set from the new schedule at the
+    scheduler's own step count, and logged; with an unchanged count nothing changes.
+    """
+    if saved_total is None or saved_total == total_steps:
+        return
+    factor = schedule(scheduler.last_epoch)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reads
+    logger.info("the checkpoint was made for %d steps, this run has %d: the learning-rate schedule is recomputed "
+                "for %d steps (%d warm-up): step %d runs at lr %.3g (factor %.3g of the peak)",
+                saved_total, total_steps, total_steps, warmup_steps, step + 1, scheduler.get_last_lr()[0], factor)
 
 
 def check_precision_supported(args: RunArgs, source: str) -> None:
