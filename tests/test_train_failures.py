@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -81,12 +83,20 @@ def sst2_flags(tmp_path, model, output: str) -> list:
 @pytest.mark.parametrize("change, field", [
     (["--variant", "meft2"], "model_recipe.meft_config.variant='meft1', this run has 'meft2'"),
     (["--deepspeed", "zero3"], "zero_stage=2, this run has 3"),
+    (["--max_steps", 1], "is at step 2, past this run's 1 steps"),
+    (["--world_size", 2], "was saved by 2 ranks, this run has 1"),
+    (["--per_device_train_batch_size", 4], "was trained with global batch 8, this run has 4"),
 ])
-def test_a_resume_that_is_not_the_same_run_is_refused(finished_run, tiny_model, change, field):
-    flags = sst2_flags(finished_run, tiny_model, "other") + ["--max_steps", 4, "--resume_from_checkpoint",
-                                                             finished_run / "first" / "checkpoint-2"]
+def test_a_resume_that_is_not_the_same_run_is_refused(finished_run, tiny_model, change, field, tmp_path):
+    checkpoint = finished_run / "first" / "checkpoint-2"
     if change[0] == "--deepspeed":
         change = ["--deepspeed", write_preset(finished_run / "zero3.json", stage=3)]
+    elif change[0] == "--world_size":  # as if saved by 2 ranks: a copy whose trainer state says so
+        checkpoint = Path(shutil.copytree(checkpoint, tmp_path / "checkpoint-2"))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state | {"world_size": 2}))
+        change = []
+    flags = sst2_flags(finished_run, tiny_model, "other") + ["--max_steps", 4, "--resume_from_checkpoint", checkpoint]
     result = run(flags + change, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
