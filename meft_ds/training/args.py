@@ -139,7 +139,9 @@ class RunArgs:
         "(the adapter export is written either way)."))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help(
         "A checkpoint-<step> directory to continue from, or 'latest' for the newest complete one in "
-        "--output_dir. Needs the same world size, batch settings and preset as the run that saved it."))
+        "--output_dir. Needs the same world size, global batch, model recipe (method, variant, lam/beta, arithmetic, "
+        "adapter_dim, layer split), ZeRO stage, precision and optimizer as the run that saved it (checked). More "
+        "steps than it was made for: the learning-rate schedule is recomputed for the new count."))
 
     # --- DeepSpeed and launch
     deepspeed: str | None = field(default=None, metadata=_help(

@@ -9,7 +9,6 @@ exactly where the interrupted one was.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -263,7 +262,7 @@ def run_identity(recipe: ModelRecipe, ds_config: dict, args: RunArgs) -> dict:
     """What makes a resumed run the same run, stored in every checkpoint's trainer_state.json: the model
     recipe (the record adapter_config.json holds: one schema), the ZeRO stage, the precision and the
     optimizer (type and settings, e.g. lr, betas, eps, weight decay)."""
-    return {"model_recipe": dataclasses.asdict(recipe), "zero_stage": zero_stage(ds_config),
+    return {"model_recipe": recipe.to_dict(), "zero_stage": zero_stage(ds_config),
             "precision": _precision(args), "optimizer": ds_config.get("optimizer")}
 
 
