@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from train_helpers import SST2_SAMPLE, free_port, launcher_command, run, save_tiny_bert, write_preset, write_tiny_sst2
+from train_helpers import REPO, SST2_SAMPLE, free_port, launcher_command, run, save_tiny_bert, write_preset, write_tiny_sst2
 
 
 def write_regression_csv(path, rows: int, bad_row: int | None, bad_label: str = "1e30"):
@@ -137,3 +139,18 @@ def test_check_same_run_names_every_differing_field_in_one_line():
         check_same_run(saved, other, "ckpt")
     assert "\n" not in str(error.value)
     check_same_run({"global_step": 3}, other, "old checkpoint")  # written before the check existed: warned only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_forward_overflow_is_a_skipped_deepspeed_step(tmp_path, precision):
+    """scripts/overflow_step_check.py on CPU: an Inf inside one reversible layer's F (exact arithmetic) makes the
+    step's loss NaN and its gradient norm non-finite; DeepSpeed ZeRO-2 skips the update, the next step applies.
+    (fp16 with the loss scale drop: the same script in scripts/gpu_check.sh.)"""
+    out = tmp_path / "record.json"
+    result = run([sys.executable, REPO / "scripts" / "overflow_step_check.py", "--precision", precision, "--out", out],
+                 timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = json.loads(out.read_text())["steps"]
+    assert [s["applied"] for s in steps] == [True, False, True] and steps[1]["weights_unchanged"]
+    assert not math.isfinite(steps[1]["loss"]) and not math.isfinite(steps[1]["grad_norm"])
