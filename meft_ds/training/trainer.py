@@ -273,7 +273,7 @@ def _flatten(value, prefix: str = "") -> dict:
 
 
 def check_same_run(saved_state: dict, identity: dict, path) -> None:
-    """Raise ValueError (one line, naming the first differing field) unless the checkpoint in `path` was made
+    """Raise ValueError (one line, naming every differing field) unless the checkpoint in `path` was made
     by the same run as `identity` describes. Checkpoints written before these fields existed are let through
     with a warning."""
     if "model_recipe" not in saved_state:
