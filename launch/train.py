@@ -14,7 +14,9 @@ Defaults: the offline all-MiniLM-L6-v2 BERT, the SST-2 sample in data/sst2, MEFT
 import sys
 
 from meft_ds.training import parse_args, setup, fit
+from meft_ds.training.checkpoint import NonFiniteAdapterError
 from meft_ds.training.distributed import shutdown
+from meft_ds.training.trainer import NonFiniteError
 
 INPUT_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 
@@ -28,7 +30,13 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         shutdown(synchronize=False)
         return 2
-    fit(run)
+    try:
+        fit(run)
+    except (NonFiniteError, NonFiniteAdapterError) as error:
+        # Every rank decided the same from the same reduced values: one line, no traceback, nothing exported.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        shutdown(synchronize=False)
+        return 3
     shutdown()
     return 0
 

@@ -73,6 +73,11 @@ def _restored_autocast(states: list[tuple[str, bool, torch.dtype]]):
         yield
 
 
+def _checksum_key(seeds) -> int:
+    """A layer's checksum key: its F dropout seed, drawn afresh every forward (so it changes every step)."""
+    return seeds[0]
+
+
 class ReconstructionError(RuntimeError):
     """A layer input rebuilt in backward differs from the forward's (exact arithmetic only)."""
 
@@ -164,7 +169,8 @@ class ReversibleFunction(torch.autograd.Function):
         sides, checksums, kept = [], [], []
         for layer, seeds in zip(run.layers, run.seeds):
             if coupling.needs_side_buffers:
-                checksums.append(torch.stack([coupling.checksum(x1), coupling.checksum(x2)]))
+                key = _checksum_key(seeds)
+                checksums.append(torch.stack([coupling.checksum(x1, key), coupling.checksum(x2, key)]))
             if run.report is not None:
                 kept.append(torch.stack([x1.value, x2.value]))
             (x1, x2), layer_sides = layer(x1, x2, inputs, seeds, run.compute_dtype)
@@ -174,6 +180,10 @@ class ReversibleFunction(torch.autograd.Function):
         ctx.side_present = [side is not None for side in sides]
         ctx.num_inputs = len(input_tensors)
         ctx.num_checksums = len(checksums)
+        if checksums:
+            # A stream poisoned by a non-finite or out-of-range value (coupling.py) is NaN everywhere: one
+            # element of each top stream tells backward whether the forward was poisoned.
+            checksums.append(torch.stack([x.value.detach()[(0,) * x.value.dim()] for x in (x1, x2)]))
         ctx.save_for_backward(coupling.to_saved(x1), coupling.to_saved(x2), *input_tensors,
                               *[side for side in sides if side is not None], *checksums, *kept)
         if coupling.needs_side_buffers:
@@ -191,12 +201,25 @@ class ReversibleFunction(torch.autograd.Function):
         rest = iter(saved[2 + ctx.num_inputs:])
         sides = [next(rest) if present else None for present in ctx.side_present]
         checksums = [next(rest) for _ in range(ctx.num_checksums)]
+        if checksums:
+            # Poisoned forward: the loss and these gradients are NaN already (as in vanilla mode) and the
+            # integer states hold no meaningful values, so there is no reconstruction to verify.
+            if not torch.isfinite(next(rest)).all():
+                checksums = []
         kept = list(rest)
         worst = torch.zeros((), dtype=torch.float64, device=dx1.device)
         leaves = [t.detach().requires_grad_(True) if need else t.detach()
                   for t, need in zip(input_tensors, ctx.needs_input_grad[3:])]
         inputs = run.rebuild(leaves)
         with _restored_autocast(ctx.autocast):
+            now = _autocast_state(dx1.device.type)
+            if checksums and now != ctx.autocast:
+                # With bf16 weights the recomputed values can still match bit for bit while the backward of F
+                # and G runs in other dtypes (gradients off by ~0.4%): the checksum alone would not see it.
+                raise ReconstructionError(
+                    f"MEFT layer {run.first_index + len(run.layers) - 1}: backward runs under autocast {now}, the "
+                    f"forward ran under {ctx.autocast}; the recomputation would not be the forward's. This backward "
+                    "was aborted: zero the gradients and do not step the optimizer.")
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
                 out1, out2, dx1, dx2 = layer.backward_step(out1, out2, dx1, dx2, sides[2 * i: 2 * i + 2],
@@ -206,14 +229,18 @@ class ReversibleFunction(torch.autograd.Function):
                     error = (rebuilt - kept[i]).norm() / kept[i].double().norm().clamp_min(1e-30)
                     worst = torch.maximum(worst, error)
                 if checksums:
-                    rebuilt = torch.stack([coupling.checksum(out1), coupling.checksum(out2)])
+                    key = _checksum_key(seeds)
+                    rebuilt = torch.stack([coupling.checksum(out1, key), coupling.checksum(out2, key)])
                     if not torch.equal(rebuilt, checksums[i]):
+                        first = [x.value[(0,) * x.value.dim()] for x in (out1, out2)]
+                        cause = ("the recomputed F or G output was not finite or out of range"
+                                 if not torch.isfinite(torch.stack(first)).all() else
+                                 "the recomputation of F or G was not bit-identical to the forward (RNG, autocast, "
+                                 "math backend or batch shape changed between forward and backward?)")
                         raise ReconstructionError(
                             f"MEFT layer {run.first_index + i}: the input streams rebuilt in backward differ from "
-                            "the forward's (checksum mismatch), so the recomputation of F or G was not "
-                            "bit-identical to the forward (RNG, autocast, math backend or batch shape changed "
-                            "between forward and backward?). This backward was aborted: gradients of the layers above are "
-                            "incomplete, so zero them and do not step the optimizer."
+                            f"the forward's (checksum mismatch): {cause}. This backward was aborted: gradients of "
+                            "the layers above are incomplete, so zero them and do not step the optimizer."
                         )
         if kept:
             run.report(worst.item())

@@ -71,9 +71,9 @@ def write_preset(path: Path, stage: int, **optimizer_params) -> Path:
     return path
 
 
-def run(command: list, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in command], cwd=cwd, env=launch_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run(command: list, timeout: int = 600, cwd: Path = REPO, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in command], cwd=cwd, env=launch_env() | (extra_env or {}),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def launcher_command(launcher: str, port: int) -> list:

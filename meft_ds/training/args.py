@@ -21,6 +21,7 @@ from ..config import BACKWARD_MODES, STREAM_ARITHMETICS, VARIANT_FACTORS, MEFTCo
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "sst2"
 METHODS = ("meft", "full", "lora")
+NONFINITE_POLICIES = ("stop", "skip")
 # Adapters and LoRA train a few new weights from scratch and take a larger step than full fine-tuning.
 DEFAULT_LEARNING_RATE = {"meft": 1e-3, "lora": 5e-4, "full": 5e-5}
 # Used when neither the flag nor the DeepSpeed preset sets the value (preset "auto" or absent).
@@ -109,6 +110,10 @@ class RunArgs:
     warmup_ratio: float = field(default=0.0, metadata=_help(
         "Share of the steps with linear warm-up; the learning rate then decays linearly to 0."))
     seed: int = field(default=42, metadata=_help("Seed of model init, data order and dropout."))
+    nonfinite: str = field(default="stop", metadata=_help(
+        "A step whose loss or gradient norm is not finite (DeepSpeed skips its update): stop ends the run with "
+        "an error naming the step and rank; skip goes on (and stops after 10 such steps in a row). With fp16 "
+        "the loss scaler's skip is the normal path either way.", choices=NONFINITE_POLICIES))
 
     # --- output, evaluation, checkpoints
     output_dir: str = field(default="output", metadata=_help(
@@ -134,7 +139,9 @@ class RunArgs:
         "(the adapter export is written either way)."))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help(
         "A checkpoint-<step> directory to continue from, or 'latest' for the newest complete one in "
-        "--output_dir. Needs the same world size, batch settings and preset as the run that saved it."))
+        "--output_dir. Needs the same world size, global batch, model recipe (method, variant, lam/beta, arithmetic, "
+        "adapter_dim, layer split), ZeRO stage, precision and optimizer as the run that saved it (checked). More "
+        "steps than it was made for: the learning-rate schedule is recomputed for the new count."))
 
     # --- DeepSpeed and launch
     deepspeed: str | None = field(default=None, metadata=_help(
@@ -151,6 +158,8 @@ class RunArgs:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name}={value!r} must be a positive integer.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"--nonfinite={self.nonfinite!r} is unknown; use one of {NONFINITE_POLICIES}.")
         if self.method not in METHODS:
             raise ValueError(f"--method={self.method!r} is unknown; use one of {METHODS}.")
         if self.reconstruction_error_steps < 0:

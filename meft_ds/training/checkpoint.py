@@ -97,12 +97,12 @@ def load_checkpoint(engine, path: Path, env: DistEnv) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG from `path`; return its trainer state.
 
     Raises ValueError when the checkpoint was written with another world size (each rank's RNG state and
-    ZeRO partition are per rank; convert with DeepSpeed's universal checkpoint to change it).
+    ZeRO partition are per rank; re-sharding through DeepSpeed's universal checkpoints is not wired in).
     """
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     if trainer_state["world_size"] != env.world_size:
         raise ValueError(f"{path} was saved by {trainer_state['world_size']} ranks, this run has {env.world_size}; "
-                         "resume with the same world size (or convert it with ds_to_universal).")
+                         "resume with the same world size (this trainer cannot re-shard a checkpoint yet).")
     loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=False)
     if loaded is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {path / DEEPSPEED_TAG}.")
@@ -125,9 +125,20 @@ def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
+class NonFiniteAdapterError(ValueError):
+    """The trained weights hold NaN or Inf: they are not exported."""
+
+
 def export_adapter(engine, recipe: ModelRecipe, output_dir: str, env: DistEnv) -> None:
-    """Write the adapter directory (adapter_io.write_adapter) into output_dir on rank 0. Collective."""
+    """Write the adapter directory (adapter_io.write_adapter) into output_dir on rank 0. Collective.
+
+    Raises NonFiniteAdapterError (on every rank, nothing written) when a trained weight is not finite.
+    """
     state = trainable_state_dict(engine)
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteAdapterError(f"{len(bad)} trained weight(s) hold NaN or Inf (first: {bad[0]}); "
+                                    f"the adapter is not exported to {output_dir}.")
     if env.is_main:
         write_adapter(output_dir, state, recipe)
     barrier()
