@@ -25,10 +25,11 @@ from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
 from ..telemetry import RankTelemetry, optimizer_state_bytes
 from .args import RunArgs
-from .checkpoint import export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
+from .checkpoint import export_adapter, load_checkpoint, probe_output_disks, resolve_resume_path, save_checkpoint
 from .distributed import DistEnv, all_gather_floats, all_reduce_mean, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
 from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, param_groups
+from .same_inputs import check_same_inputs
 
 logger = logging.getLogger("meft_ds.train")
 
@@ -138,7 +139,7 @@ def setup(args: RunArgs) -> Run:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    env = init_distributed(args.master_port)
+    env = init_distributed(args.master_port, args.ddp_timeout)
     _setup_logging(env)
     args.check_inputs()
     source = str(resolve_preset(args.deepspeed))
@@ -147,9 +148,10 @@ def setup(args: RunArgs) -> Run:
     if args.fp16 and not accelerator.is_fp16_supported():
         raise ValueError(f"fp16 (from {source} or --fp16) is not supported on this {accelerator.device_name()} "
                          "accelerator; use --bf16 or fp32 here, fp16 on a GPU.")
+    check_same_inputs(args, source, env)
     resume_path = None
     if args.resume_from_checkpoint:
-        resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+        resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir, env)
 
     tokenizer = load_tokenizer(args.model_name_or_path)
     with local_main_first(env):
@@ -212,10 +214,10 @@ def fit(run: Run) -> dict:
     train_set, accumulation = run.data["train"], args.gradient_accumulation_steps
     output_dir = Path(args.output_dir)
     writer = None
+    commits = probe_output_disks(args.output_dir, env)  # which rank commits checkpoints on this rank's disk
     if env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        output_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(args.logging_dir)
 
     def log(entry: dict) -> None:
@@ -275,7 +277,7 @@ def fit(run: Run) -> dict:
         if args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
             run_eval()
         if args.save_steps and step % args.save_steps == 0 and step < run.total_steps:
-            save_checkpoint(engine, args.output_dir, state, env)
+            save_checkpoint(engine, args.output_dir, state, env, commits)
     progress.close()
     telemetry.close()
     train_seconds = time.perf_counter() - start_time
@@ -287,7 +289,7 @@ def fit(run: Run) -> dict:
     eval_results = run_eval() if run.spec.eval_splits else {}
     steps_run = state["global_step"] - start_step
     if args.save_steps and steps_run:  # the last checkpoint, its log history ending with the final eval
-        save_checkpoint(engine, args.output_dir, state, env)
+        save_checkpoint(engine, args.output_dir, state, env, commits)
     export_adapter(engine, run.recipe, args.output_dir, env)
     peak_gpu_memory = None
     if torch.cuda.is_available():  # allocator peak; on CPU DeepSpeed's memory figures are process RSS

@@ -1,0 +1,210 @@
+"""Two real hosts (network namespaces, each with its own address, host name and disk; tests/multihost.py),
+one rank each, running what users run: a tiny OPT causal LM, the lower third frozen (the default), MEFT
+under ZeRO-3 with stage3_param_persistence_threshold 0, fp32, gloo over the veth link.
+
+- the deepspeed launcher with --no_ssh on each host: both hosts agree on the losses; every host's disk holds
+  complete checkpoints of its own ranks; the adapter export is on rank 0's host;
+- a kill while saving a checkpoint (host B dies after writing, before committing; host A commits): the
+  same command run again (--resume_from_checkpoint auto) resumes from the newest checkpoint complete on both
+  disks and ends on the uninterrupted run's losses (equal to 1e-6);
+- torchrun --nnodes 2 gives the same losses;
+- an exception on one rank, a killed rank and a stopped rank (SIGSTOP): every launcher on every host exits
+  non-zero within 60 s of the fault (--ddp_timeout 30), the failing rank's error line names rank and host;
+- hosts whose copies of the data differ are refused at start with one line.
+
+Where namespaces cannot be made (not root, no `ip`) the tests skip saying why; under CI (CI=true) that
+is a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from multihost import TwoHosts, unavailable_reason
+from train_helpers import BIN, REPO, free_port, launch_env, save_tiny_opt, train_losses
+
+STEPS, SAVE_STEPS = 6, 2
+FAULT_STEP = 3
+FAULT_SCRIPT = REPO / "tests" / "fault_worker.py"
+RUN_TIMEOUT = 240
+FAILURE_LIMIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason is not None:
+        message = f"two hosts (network namespaces) cannot be created here: {reason}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI must run the multi-host tests)")
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("multihost")
+    shared = root / "inputs"
+    save_tiny_opt(shared / "model")
+    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    (shared / "ds_zero3.json").write_text(json.dumps(config))
+    shutil.copy(REPO / "data" / "lm_example.jsonl", shared / "lm.jsonl")
+    with TwoHosts(root) as made:
+        for host in made.hosts:  # each host its own copy, as on separate machines
+            shutil.copytree(shared, host.disk, dirs_exist_ok=True)
+        (root / "hostfile").write_text("".join(f"{h.name} slots=1\n" for h in made.hosts))
+        yield made
+
+
+def _flags(hosts: TwoHosts, output: str, **extra) -> list:
+    disk = hosts.mount_point
+    flags = {"model_name_or_path": disk / "model", "train_file": disk / "lm.jsonl",
+             "validation_file": disk / "lm.jsonl", "deepspeed": disk / "ds_zero3.json", "max_seq_length": 48,
+             "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_steps": STEPS, "save_steps": SAVE_STEPS,
+             "logging_steps": 1, "output_dir": disk / output, "resume_from_checkpoint": "auto", "ddp_timeout": 30}
+    flags.update(extra)
+    return ["--lm"] + [item for key, value in flags.items() for item in (f"--{key}", value)]
+
+
+def _launch(hosts: TwoHosts, launcher: str, output: str, fault: str | None = None, **extra):
+    """Start one launcher per host; returns the two processes."""
+    port = free_port()  # any port works inside the namespaces; a fresh one per job avoids TIME_WAIT clashes
+    env = launch_env()
+    if fault:
+        env.update(MEFT_TEST_FAULT=fault, MEFT_TEST_FAULT_TIME_FILE=str(hosts.mount_point / f"{output}.fault_time"))
+    processes = []
+    for host in hosts.hosts:
+        if launcher == "deepspeed":
+            prefix = [BIN / "deepspeed", "--hostfile", hosts.root / "hostfile", "--no_ssh", "--node_rank", host.index,
+                      "--master_addr", hosts.master_addr, "--master_port", port]
+        elif launcher == "torchrun":
+            prefix = [BIN / "torchrun", "--nnodes", 2, "--nproc_per_node", 1, "--node_rank", host.index,
+                      "--master_addr", hosts.master_addr, "--master_port", port]
+        else:
+            raise KeyError(launcher)
+        command = prefix + [FAULT_SCRIPT] + _flags(hosts, output, **extra)
+        processes.append(hosts.start(host.index, command, env, log_name=f"{output}-{host.name}"))
+    return processes
+
+
+def _run(hosts: TwoHosts, launcher: str, output: str, fault: str | None = None, timeout: float = RUN_TIMEOUT,
+         **extra) -> tuple[list, list[str]]:
+    processes = _launch(hosts, launcher, output, fault, **extra)
+    codes = hosts.wait(processes, timeout)
+    return codes, [p.log_path.read_text() for p in processes]
+
+
+def _checkpoint_files(host, output: str, step: int) -> set[str]:
+    path = host.disk / output / f"checkpoint-{step}"
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(hosts):
+    start = time.perf_counter()
+    codes, logs = _run(hosts, "deepspeed", "ds")
+    assert codes == [0, 0], "\n".join(log[-4000:] for log in logs)
+    print(f"2 hosts x 1 rank, deepspeed --no_ssh, {STEPS} steps: {time.perf_counter() - start:.1f} s")
+    return hosts
+
+
+@pytest.mark.slow
+def test_deepspeed_no_ssh_commits_every_hosts_checkpoint(deepspeed_run):
+    a, b = deepspeed_run.hosts
+    losses = train_losses(a.disk / "ds")
+    assert sorted(losses) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in losses.values())
+    results = json.loads((a.disk / "ds" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["zero_stage"] == 3 and results["global_step"] == STEPS
+    for step in range(SAVE_STEPS, STEPS + 1, SAVE_STEPS):
+        on_a, on_b = _checkpoint_files(a, "ds", step), _checkpoint_files(b, "ds", step)
+        # Each host holds its own rank's RNG state and ZeRO-3 partitions, and the trainer state.
+        assert {"trainer_state.json", "rng_state_0.pt"} <= on_a and "rng_state_1.pt" not in on_a
+        assert {"trainer_state.json", "rng_state_1.pt"} <= on_b and "rng_state_0.pt" not in on_b
+        assert any("zero_pp_rank_0_" in f and "optim_states" in f for f in on_a)
+        assert any("zero_pp_rank_1_" in f and "optim_states" in f for f in on_b)
+        # Both hosts logged the same (all-rank mean) losses up to that step.
+        state_a, state_b = (json.loads((h.disk / "ds" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+                            for h in (a, b))
+        assert state_a["log_history"] == state_b["log_history"] and state_a["global_step"] == step
+    for host in (a, b):
+        assert not list((host.disk / "ds").glob(".tmp-*")) and not list((host.disk / "ds").glob(".disk-probe-*"))
+    # The adapter export is gathered to rank 0: complete on host A, and only there.
+    assert (a.disk / "ds" / "adapter_model.safetensors").is_file()
+    assert not (b.disk / "ds" / "adapter_model.safetensors").exists()
+    recipe = json.loads((a.disk / "ds" / "adapter_config.json").read_text())
+    assert recipe["meft_config"]["num_frozen_layers"] == 1  # the lower third of 3 layers
+
+
+@pytest.mark.slow
+def test_kill_during_save_then_rerun_resumes_the_same_run(deepspeed_run):
+    hosts = deepspeed_run
+    a, b = hosts.hosts
+    codes, logs = _run(hosts, "deepspeed", "killed", fault=f"kill_in_save:1:{2 * SAVE_STEPS}")
+    assert codes[0] not in (0, None) and codes[1] not in (0, None), (codes, logs[0][-3000:])
+    # Host A committed step 4, host B died before committing it: only step 2 is complete on both disks.
+    assert (a.disk / "killed" / f"checkpoint-{2 * SAVE_STEPS}" / "trainer_state.json").is_file()
+    assert not (b.disk / "killed" / f"checkpoint-{2 * SAVE_STEPS}").exists()
+    assert (b.disk / "killed" / f".tmp-checkpoint-{2 * SAVE_STEPS}").is_dir()
+    codes, logs = _run(hosts, "deepspeed", "killed")  # the same command again
+    assert codes == [0, 0], "\n".join(log[-4000:] for log in logs)
+    assert f"checkpoint-{SAVE_STEPS} at step {SAVE_STEPS}" in logs[0]
+    uninterrupted, resumed = train_losses(a.disk / "ds"), train_losses(a.disk / "killed")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(SAVE_STEPS + 1, STEPS + 1):
+        assert math.isclose(resumed[step], uninterrupted[step], rel_tol=1e-6, abs_tol=1e-6), step
+    for host in (a, b):
+        assert not list((host.disk / "killed").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_gives_the_same_losses(deepspeed_run):
+    hosts = deepspeed_run
+    codes, logs = _run(hosts, "torchrun", "torchrun")
+    assert codes == [0, 0], "\n".join(log[-4000:] for log in logs)
+    reference, losses = train_losses(hosts.hosts[0].disk / "ds"), train_losses(hosts.hosts[0].disk / "torchrun")
+    assert losses.keys() == reference.keys()
+    for step, loss in reference.items():
+        assert math.isclose(losses[step], loss, rel_tol=1e-6, abs_tol=1e-6), step
+
+
+# (fault kind, failing rank): the failing rank's host and the line that names it.
+FAILURES = [("raise", 1), ("kill", 1), ("stop", 1), ("stop", 0)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,rank", FAILURES, ids=[f"{k}-rank{r}" for k, r in FAILURES])
+def test_a_failure_on_one_host_ends_every_host_quickly(hosts, kind, rank):
+    output = f"fail-{kind}-{rank}"
+    processes = _launch(hosts, "deepspeed", output, fault=f"{kind}:{rank}:{FAULT_STEP}", max_steps=500,
+                        save_steps=1000)
+    codes = hosts.wait(processes, timeout=FAILURE_LIMIT_S + 120)
+    logs = [p.log_path.read_text() for p in processes]
+    failing = hosts.hosts[rank]
+    fault_time = float((failing.disk / f"{output}.fault_time").read_text())
+    seconds = [round(p.ended_at - fault_time, 1) if p.ended_at else None for p in processes]
+    print(f"{kind} on rank {rank}: launchers exited {codes} after {seconds} s")
+    assert all(code not in (0, None) for code in codes), (codes, "\n".join(log[-3000:] for log in logs))
+    assert all(s is not None and s < FAILURE_LIMIT_S for s in seconds), seconds
+    error_lines = [line for line in logs[rank].splitlines() if line.startswith(f"error: rank {rank} on {failing.name}")]
+    if kind == "raise":
+        assert error_lines and "injected data error" in error_lines[0], logs[rank][-3000:]
+    elif kind == "stop":  # the stopped rank cannot speak; its watchdog names it and ends it
+        assert error_lines and "watchdog" in error_lines[0], logs[rank][-3000:]
+    other = 1 - rank
+    assert f"error: rank {other} on {hosts.hosts[other].name}" in logs[other], logs[other][-3000:]
+
+
+@pytest.mark.slow
+def test_hosts_with_different_data_are_refused(hosts):
+    b = hosts.hosts[1]
+    (b.disk / "lm_changed.jsonl").write_text((b.disk / "lm.jsonl").read_text().replace("positive", "negative", 1))
+    shutil.copy(hosts.hosts[0].disk / "lm.jsonl", hosts.hosts[0].disk / "lm_changed.jsonl")
+    codes, logs = _run(hosts, "deepspeed", "refused", train_file=hosts.mount_point / "lm_changed.jsonl", timeout=180)
+    assert all(code not in (0, None) for code in codes), codes
+    for log in logs:
+        errors = [line for line in log.splitlines() if line.startswith("error: the hosts' inputs differ")]
+        assert errors and "--train_file" in errors[0] and "rank 0 on hosta" in errors[0] and "rank 1 on hostb" in errors[0], log[-3000:]
+    assert not (hosts.hosts[0].disk / "refused").exists()
