@@ -45,7 +45,7 @@ def _exit_on_failure(error: Exception) -> None:
 
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     hint = ""
-    if isinstance(error, dist.DistError):
+    if isinstance(error, dist.DistError) or any(name in message.lower() for name in ("gloo", "nccl")):
         hint = " (a collective failed: another rank probably failed or hangs; its own error line names it)"
     print(f"error: {where()}: {type(error).__name__}: {message}{hint}", file=sys.stderr, flush=True)
     traceback.print_exc()

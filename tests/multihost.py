@@ -108,13 +108,19 @@ class TwoHosts:
         inner = (f"hostname {host.name} && mount --bind {shlex.quote(str(host.disk))} "
                  f"{shlex.quote(str(self.mount_point))} && exec \"$@\"")
         env = dict(env, GLOO_SOCKET_IFNAME=host.interface)
-        log = open(self.root / f"{log_name or host.name}.log", "w")
+        stem = log_name or host.name
+        log_path = self.root / f"{stem}.log"
+        for attempt in range(2, 100):  # a rerun of the same job keeps the earlier log
+            if not log_path.exists():
+                break
+            log_path = self.root / f"{stem}-{attempt}.log"
+        log = open(log_path, "w")
         process = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--propagation", "private",
              "sh", "-c", inner, "sh", *[str(c) for c in command]],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        process.log_path = self.root / f"{log_name or host.name}.log"
+        process.log_path = log_path
         self.processes.append(process)
         return process
 

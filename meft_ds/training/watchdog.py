@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +57,24 @@ def _parent_alive(parent: int) -> bool:
     return os.getppid() == parent
 
 
+def _ask(store, key: str, timeout_s: float) -> Exception | None:
+    """One round trip to the store; the error, or TimeoutError when no answer came within timeout_s (the
+    client's own timeout does not cover a server that accepts the request and never answers)."""
+    outcome: list = []
+
+    def ask():
+        try:
+            store.add(key, 1)
+            outcome.append(None)
+        except Exception as error:  # noqa: BLE001 - reported to the caller
+            outcome.append(error)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else TimeoutError(f"no answer in {timeout_s:.0f} s")
+
+
 def main() -> None:
     import datetime
 
@@ -70,9 +89,8 @@ def main() -> None:
         return
     key = f"meft_ds/watchdog/{rank}"
     while _parent_alive(parent):
-        try:
-            store.add(key, 1)
-        except Exception as error:  # noqa: BLE001 - closed or not answering: either way the job is over
+        error = _ask(store, key, float(timeout_s))
+        if error is not None:  # closed or not answering: either way the job is over
             if not _parent_alive(parent):
                 return
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
