@@ -208,3 +208,47 @@ def test_hosts_with_different_data_are_refused(hosts):
         errors = [line for line in log.splitlines() if line.startswith("error: the hosts' inputs differ")]
         assert errors and "--train_file" in errors[0] and "rank 0 on hosta" in errors[0] and "rank 1 on hostb" in errors[0], log[-3000:]
     assert not (hosts.hosts[0].disk / "refused").exists()
+
+
+# --- the pieces on their own (no namespaces needed)
+
+
+def test_auto_resume_starts_fresh_and_latest_needs_a_checkpoint(tmp_path):
+    from meft_ds.training.checkpoint import resolve_resume_path
+
+    assert resolve_resume_path("auto", str(tmp_path / "missing")) is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume_path("latest", str(tmp_path))
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / ".tmp-checkpoint-6").mkdir()  # an interrupted save
+    assert resolve_resume_path("auto", str(tmp_path)) == tmp_path / "checkpoint-4"
+
+
+def test_input_digests_see_a_changed_data_file_and_model_file(tmp_path):
+    from types import SimpleNamespace
+
+    from meft_ds.training.same_inputs import input_digests
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"hidden_size": 32}')
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    args = SimpleNamespace(model_name_or_path=str(tmp_path / "model"), train_file=str(tmp_path / "train.jsonl"),
+                           validation_file=None, data_dir=None)
+    before = input_digests(args, "zero3_bf16")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "answer": "c"}\n')
+    after_data = input_digests(args, "zero3_bf16")
+    (tmp_path / "model" / "config.json").write_text('{"hidden_size": 64}')
+    after_model = input_digests(args, "zero3_bf16")
+    changed = lambda x, y: {k for k in x if x[k] != y.get(k)}  # noqa: E731
+    assert changed(before, after_data) == {f"--train_file {tmp_path / 'train.jsonl'}"}
+    assert changed(after_data, after_model) == {f"--model_name_or_path {tmp_path / 'model'}: config.json"}
+
+
+def test_ddp_timeout_must_be_positive():
+    from meft_ds.training import RunArgs
+
+    with pytest.raises(ValueError, match="--ddp_timeout"):
+        RunArgs(ddp_timeout=0, model_name_or_path="x")
+    assert RunArgs(model_name_or_path="x").ddp_timeout == 1800

@@ -95,8 +95,9 @@ def save_checkpoint(engine, output_dir: str, trainer_state: dict, env: DistEnv, 
         shutil.rmtree(staging)  # left by an interrupted save of this step
     barrier()
     # DeepSpeed creates the directory on rank 0 only, and writes the replicated model states (ZeRO-0/1/2)
-    # from rank 0 only: each other disk needs both from its own committer.
-    (staging / DEEPSPEED_TAG).mkdir(parents=True, exist_ok=True)
+    # from rank 0 only: each other disk needs both from its own ranks.
+    if not env.is_main:
+        (staging / DEEPSPEED_TAG).mkdir(parents=True, exist_ok=True)
     if commits and not getattr(engine, "save_non_zero_checkpoint", True):
         engine.save_non_zero_checkpoint = True
     engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
