@@ -160,6 +160,27 @@ def test_kill_during_save_then_rerun_resumes_the_same_run(deepspeed_run):
 
 
 @pytest.mark.slow
+def test_zero2_checkpoint_on_separate_disks_resumes(hosts):
+    """ZeRO-2 keeps the trainable weights whole on every rank and DeepSpeed writes them (the model-states
+    file) from rank 0 only: host B's checkpoint needs its own copy to resume."""
+    a, b = hosts.hosts
+    for host in hosts.hosts:
+        config = json.loads((host.disk / "ds_zero3.json").read_text())
+        config["zero_optimization"] = {"stage": 2}
+        (host.disk / "ds_zero2.json").write_text(json.dumps(config))
+    zero2 = hosts.mount_point / "ds_zero2.json"
+    codes, logs = _run(hosts, "deepspeed", "zero2", deepspeed=zero2)
+    assert codes == [0, 0], "\n".join(log[-4000:] for log in logs)
+    assert "deepspeed/mp_rank_00_model_states.pt" in _checkpoint_files(b, "zero2", SAVE_STEPS)
+    codes, logs = _run(hosts, "deepspeed", "zero2-resumed", deepspeed=zero2,
+                       resume_from_checkpoint=hosts.mount_point / "zero2" / f"checkpoint-{SAVE_STEPS}")
+    assert codes == [0, 0], "\n".join(log[-4000:] for log in logs)
+    uninterrupted, resumed = train_losses(a.disk / "zero2"), train_losses(a.disk / "zero2-resumed")
+    for step in range(SAVE_STEPS + 1, STEPS + 1):
+        assert math.isclose(resumed[step], uninterrupted[step], rel_tol=1e-6, abs_tol=1e-6), step
+
+
+@pytest.mark.slow
 def test_torchrun_two_nodes_gives_the_same_losses(deepspeed_run):
     hosts = deepspeed_run
     codes, logs = _run(hosts, "torchrun", "torchrun")
