@@ -27,6 +27,7 @@ from pathlib import Path
 
 SUBNET = "10.213.0"  # private to the namespaces this creates: the same addresses in two runs never meet
 COMMAND_TIMEOUT = 20
+INTERFACE = "meft0"  # the veth end's name inside each host
 
 
 def _ip(*args: str) -> None:
@@ -76,6 +77,9 @@ class TwoHosts:
             # Interface names are at most 15 characters.
             self.hosts.append(Host(index, f"host{letter}", f"meft{tag}{letter}", f"mv{tag}{letter}",
                                    f"{SUBNET}.{index + 1}", disk))
+        # Every host resolves every host name (hydra's proxies connect back by name), via its own /etc/hosts.
+        self.hosts_file = self.root / "etc_hosts"
+        self.hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{h.address} {h.name}\n" for h in self.hosts))
         self.processes: list[subprocess.Popen] = []
 
     @property
@@ -89,10 +93,13 @@ class TwoHosts:
                 _ip("netns", "add", host.netns)
             _ip("link", "add", a.interface, "type", "veth", "peer", "name", b.interface)
             for host in self.hosts:
+                # Unique names while both ends are in this namespace; one name inside every host, so one
+                # GLOO_SOCKET_IFNAME fits all (mpirun passes its environment to every host).
                 _ip("link", "set", host.interface, "netns", host.netns)
-                _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", host.interface)
+                _ip("-n", host.netns, "link", "set", host.interface, "name", INTERFACE)
+                _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", INTERFACE)
                 _ip("-n", host.netns, "link", "set", "lo", "up")
-                _ip("-n", host.netns, "link", "set", host.interface, "up")
+                _ip("-n", host.netns, "link", "set", INTERFACE, "up")
         except BaseException:
             self.close()
             raise
@@ -101,13 +108,35 @@ class TwoHosts:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self, index: int, command: list, env: dict, log_name: str | None = None) -> subprocess.Popen:
-        """Run `command` on host `index` (its network, host name and disk at mount_point); output goes to
-        <root>/<log_name or host name>.log. The process leads its own process group (see `kill`)."""
+    def prefix(self, index: int) -> list[str]:
+        """The command prefix that runs what follows it on host `index`: its network, host name, disk at
+        mount_point and /etc/hosts."""
         host = self.hosts[index]
         inner = (f"hostname {host.name} && mount --bind {shlex.quote(str(host.disk))} "
-                 f"{shlex.quote(str(self.mount_point))} && exec \"$@\"")
-        env = dict(env, GLOO_SOCKET_IFNAME=host.interface)
+                 f"{shlex.quote(str(self.mount_point))} && mount --bind {shlex.quote(str(self.hosts_file))} "
+                 "/etc/hosts && exec \"$@\"")
+        return ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--propagation", "private",
+                "sh", "-c", inner, "sh"]
+
+    def write_ssh_shim(self, path: Path) -> Path:
+        """An executable that behaves like `ssh [options] <host> <command...>` for these hosts (for hydra's
+        -launcher-exec and pdsh-less runners): it runs the command through a shell on that host."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cases = "".join(f"  {h.name}) exec {' '.join(shlex.quote(c) for c in self.prefix(h.index))} "
+                        f"env GLOO_SOCKET_IFNAME={INTERFACE} sh -c \"$*\" ;;\n" for h in self.hosts)
+        path.write_text("#!/bin/sh\n# ssh stand-in: drop options, then <host> <command...>\n"
+                        "while [ $# -gt 0 ]; do case $1 in -[BbcDEeFIiJLlmOopQRSWw]) shift 2 ;; -*) shift ;; "
+                        "*) break ;; esac; done\n"
+                        "host=$1; shift\n"
+                        f"case $host in\n{cases}  *) echo \"unknown host $host\" >&2; exit 255 ;;\nesac\n")
+        path.chmod(0o755)
+        return path
+
+    def start(self, index: int, command: list, env: dict, log_name: str | None = None) -> subprocess.Popen:
+        """Run `command` on host `index` (see `prefix`); output goes to <root>/<log_name or host name>.log.
+        The process leads its own process group (see `kill`)."""
+        host = self.hosts[index]
+        env = dict(env, GLOO_SOCKET_IFNAME=INTERFACE)
         stem = log_name or host.name
         log_path = self.root / f"{stem}.log"
         for attempt in range(2, 100):  # a rerun of the same job keeps the earlier log
@@ -115,10 +144,8 @@ class TwoHosts:
                 break
             log_path = self.root / f"{stem}-{attempt}.log"
         log = open(log_path, "w")
-        process = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--propagation", "private",
-             "sh", "-c", inner, "sh", *[str(c) for c in command]],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(self.prefix(index) + [str(c) for c in command], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         process.log_path = log_path
         self.processes.append(process)

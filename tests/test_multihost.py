@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +76,20 @@ def _launch(hosts: TwoHosts, launcher: str, output: str, fault: str | None = Non
     env = launch_env()
     if fault:
         env.update(MEFT_TEST_FAULT=fault, MEFT_TEST_FAULT_TIME_FILE=str(hosts.mount_point / f"{output}.fault_time"))
+    if launcher in ("mpirun", "deepspeed-mpich"):  # one command on host A; the ssh stand-in reaches host B
+        ssh = hosts.write_ssh_shim(hosts.root / "bin" / "ssh")
+        shim = ["-launcher", "ssh", "-launcher-exec", ssh]
+        env["PATH"] = f"{ssh.parent}{os.pathsep}{env['PATH']}"  # deepspeed's runner first checks `ssh <host>`
+        if launcher == "mpirun":
+            prefix = [BIN / "mpirun", *shim, "-hosts", ",".join(h.name for h in hosts.hosts), "-np", 2, "-ppn", 1,
+                      sys.executable]
+            extra = dict(extra, master_port=port)  # mpirun sets no MASTER_PORT; the script takes this flag
+        else:  # deepspeed's own multi-node runner, MPICH flavour
+            prefix = [BIN / "deepspeed", "--hostfile", hosts.root / "hostfile", "--launcher", "mpich",
+                      "--launcher_args", " ".join(str(c) for c in shim), "--master_addr", hosts.master_addr,
+                      "--master_port", port]
+        command = prefix + [FAULT_SCRIPT] + _flags(hosts, output, **extra)
+        return [hosts.start(0, command, env, log_name=f"{output}-hosta")]
     processes = []
     for host in hosts.hosts:
         if launcher == "deepspeed":
@@ -181,11 +196,15 @@ def test_zero2_checkpoint_on_separate_disks_resumes(hosts):
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes_gives_the_same_losses(deepspeed_run):
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun", "deepspeed-mpich"])
+def test_other_launchers_give_the_same_losses(deepspeed_run, launcher):
+    """torchrun --nnodes 2 (one agent per host); MPICH's mpirun and deepspeed's MPICH runner, started on host A
+    and reaching host B through an ssh stand-in (hydra's -launcher-exec)."""
     hosts = deepspeed_run
-    codes, logs = _run(hosts, "torchrun", "torchrun")
-    assert codes == [0, 0], "\n".join(log[-4000:] for log in logs)
-    reference, losses = train_losses(hosts.hosts[0].disk / "ds"), train_losses(hosts.hosts[0].disk / "torchrun")
+    codes, logs = _run(hosts, launcher, launcher)
+    assert set(codes) == {0}, "\n".join(log[-4000:] for log in logs)
+    reference, losses = train_losses(hosts.hosts[0].disk / "ds"), train_losses(hosts.hosts[0].disk / launcher)
+    assert (hosts.hosts[1].disk / launcher / f"checkpoint-{SAVE_STEPS}" / "rng_state_1.pt").is_file()
     assert losses.keys() == reference.keys()
     for step, loss in reference.items():
         assert math.isclose(losses[step], loss, rel_tol=1e-6, abs_tol=1e-6), step
