@@ -76,7 +76,8 @@ def _launch(hosts: TwoHosts, launcher: str, output: str, fault: str | None = Non
     env = launch_env()
     if fault:
         env.update(MEFT_TEST_FAULT=fault, MEFT_TEST_FAULT_TIME_FILE=str(hosts.mount_point / f"{output}.fault_time"))
-    if launcher in ("mpirun", "deepspeed-mpich"):  # one command on host A; the ssh stand-in reaches host B
+    if launcher in ("mpirun", "deepspeed-mpich", "deepspeed-pdsh"):  # one command on host A; an ssh stand-in
+        # reaches host B
         ssh = hosts.write_ssh_shim(hosts.root / "bin" / "ssh")
         shim = ["-launcher", "ssh", "-launcher-exec", ssh]
         env["PATH"] = f"{ssh.parent}{os.pathsep}{env['PATH']}"  # deepspeed's runner first checks `ssh <host>`
@@ -84,9 +85,12 @@ def _launch(hosts: TwoHosts, launcher: str, output: str, fault: str | None = Non
             prefix = [BIN / "mpirun", *shim, "-hosts", ",".join(h.name for h in hosts.hosts), "-np", 2, "-ppn", 1,
                       sys.executable]
             extra = dict(extra, master_port=port)  # mpirun sets no MASTER_PORT; the script takes this flag
-        else:  # deepspeed's own multi-node runner, MPICH flavour
+        elif launcher == "deepspeed-mpich":  # deepspeed's own multi-node runner, MPICH flavour
             prefix = [BIN / "deepspeed", "--hostfile", hosts.root / "hostfile", "--launcher", "mpich",
                       "--launcher_args", " ".join(str(c) for c in shim), "--master_addr", hosts.master_addr,
+                      "--master_port", port]
+        else:  # deepspeed's default multi-node runner: pdsh, which runs `ssh` from PATH
+            prefix = [BIN / "deepspeed", "--hostfile", hosts.root / "hostfile", "--master_addr", hosts.master_addr,
                       "--master_port", port]
         command = prefix + [FAULT_SCRIPT] + _flags(hosts, output, **extra)
         return [hosts.start(0, command, env, log_name=f"{output}-hosta")]
@@ -196,10 +200,16 @@ def test_zero2_checkpoint_on_separate_disks_resumes(hosts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "mpirun", "deepspeed-mpich"])
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun", "deepspeed-mpich", "deepspeed-pdsh"])
 def test_other_launchers_give_the_same_losses(deepspeed_run, launcher):
-    """torchrun --nnodes 2 (one agent per host); MPICH's mpirun and deepspeed's MPICH runner, started on host A
-    and reaching host B through an ssh stand-in (hydra's -launcher-exec)."""
+    """torchrun --nnodes 2 (one agent per host); MPICH's mpirun, deepspeed's MPICH runner and its default pdsh
+    runner, started on host A and reaching host B through an ssh stand-in (hydra's -launcher-exec; `ssh` on
+    PATH for pdsh). pdsh comes from the system packages (scripts/bootstrap.sh installs it as root with apt)."""
+    if launcher == "deepspeed-pdsh" and shutil.which("pdsh") is None:
+        message = "pdsh is not installed (scripts/bootstrap.sh installs it as root where apt-get exists)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     hosts = deepspeed_run
     codes, logs = _run(hosts, launcher, launcher)
     assert set(codes) == {0}, "\n".join(log[-4000:] for log in logs)
