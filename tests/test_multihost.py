@@ -71,24 +71,19 @@ def _flags(hosts: TwoHosts, output: str, **extra) -> list:
 
 
 def _launch(hosts: TwoHosts, launcher: str, output: str, fault: str | None = None, **extra):
-    """Start one launcher per host; returns the two processes."""
+    """Start the job: one launcher per host (deepspeed --no_ssh, torchrun), or one on host A that reaches host B
+    over the ssh stand-in (mpirun, deepspeed's pdsh runner). Returns the started processes."""
     port = free_port()  # any port works inside the namespaces; a fresh one per job avoids TIME_WAIT clashes
     env = launch_env()
     if fault:
         env.update(MEFT_TEST_FAULT=fault, MEFT_TEST_FAULT_TIME_FILE=str(hosts.mount_point / f"{output}.fault_time"))
-    if launcher in ("mpirun", "deepspeed-mpich", "deepspeed-pdsh"):  # one command on host A; an ssh stand-in
-        # reaches host B
+    if launcher in ("mpirun", "deepspeed-pdsh"):  # one command on host A; an ssh stand-in reaches host B
         ssh = hosts.write_ssh_shim(hosts.root / "bin" / "ssh")
-        shim = ["-launcher", "ssh", "-launcher-exec", ssh]
-        env["PATH"] = f"{ssh.parent}{os.pathsep}{env['PATH']}"  # deepspeed's runner first checks `ssh <host>`
+        env["PATH"] = f"{ssh.parent}{os.pathsep}{env['PATH']}"  # pdsh runs `ssh`; deepspeed first checks `ssh <host>`
         if launcher == "mpirun":
-            prefix = [BIN / "mpirun", *shim, "-hosts", ",".join(h.name for h in hosts.hosts), "-np", 2, "-ppn", 1,
-                      sys.executable]
+            prefix = [BIN / "mpirun", "-launcher", "ssh", "-launcher-exec", ssh,
+                      "-hosts", ",".join(h.name for h in hosts.hosts), "-np", 2, "-ppn", 1, sys.executable]
             extra = dict(extra, master_port=port)  # mpirun sets no MASTER_PORT; the script takes this flag
-        elif launcher == "deepspeed-mpich":  # deepspeed's own multi-node runner, MPICH flavour
-            prefix = [BIN / "deepspeed", "--hostfile", hosts.root / "hostfile", "--launcher", "mpich",
-                      "--launcher_args", " ".join(str(c) for c in shim), "--master_addr", hosts.master_addr,
-                      "--master_port", port]
         else:  # deepspeed's default multi-node runner: pdsh, which runs `ssh` from PATH
             prefix = [BIN / "deepspeed", "--hostfile", hosts.root / "hostfile", "--master_addr", hosts.master_addr,
                       "--master_port", port]
@@ -200,11 +195,11 @@ def test_zero2_checkpoint_on_separate_disks_resumes(hosts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "mpirun", "deepspeed-mpich", "deepspeed-pdsh"])
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun", "deepspeed-pdsh"])
 def test_other_launchers_give_the_same_losses(deepspeed_run, launcher):
-    """torchrun --nnodes 2 (one agent per host); MPICH's mpirun, deepspeed's MPICH runner and its default pdsh
-    runner, started on host A and reaching host B through an ssh stand-in (hydra's -launcher-exec; `ssh` on
-    PATH for pdsh). pdsh comes from the system packages (scripts/bootstrap.sh installs it as root with apt)."""
+    """torchrun --nnodes 2 (one agent per host); MPICH's mpirun and deepspeed's default (pdsh) runner, started
+    on host A and reaching host B through an ssh stand-in (hydra's -launcher-exec; `ssh` on PATH for pdsh).
+    pdsh comes from the system packages (scripts/bootstrap.sh installs it as root with apt)."""
     if launcher == "deepspeed-pdsh" and shutil.which("pdsh") is None:
         message = "pdsh is not installed (scripts/bootstrap.sh installs it as root where apt-get exists)"
         if os.environ.get("CI", "").lower() == "true":
@@ -256,7 +251,8 @@ def test_hosts_with_different_data_are_refused(hosts):
     assert all(code not in (0, None) for code in codes), codes
     for log in logs:
         errors = [line for line in log.splitlines() if line.startswith("error: the hosts' inputs differ")]
-        assert errors and "--train_file" in errors[0] and "rank 0 on hosta" in errors[0] and "rank 1 on hostb" in errors[0], log[-3000:]
+        assert errors, log[-3000:]
+        assert all(part in errors[0] for part in ("--train_file", "rank 0 on hosta", "rank 1 on hostb")), errors[0]
     assert not (hosts.hosts[0].disk / "refused").exists()
 
 

@@ -204,7 +204,8 @@ class RunArgs:
                 raise FileNotFoundError(f"--{name} {path} does not exist.")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise FileNotFoundError(f"--data_dir {self.data_dir} is not a directory.")
-        if self.resume_from_checkpoint not in (None, "latest", "auto") and not os.path.isdir(self.resume_from_checkpoint):
+        if (self.resume_from_checkpoint not in (None, "latest", "auto")
+                and not os.path.isdir(self.resume_from_checkpoint)):
             raise FileNotFoundError(f"--resume_from_checkpoint {self.resume_from_checkpoint} is not a directory.")
         if (os.path.isdir(self.output_dir) and os.listdir(self.output_dir)
                 and not self.overwrite_output_dir and self.resume_from_checkpoint is None):
