@@ -41,7 +41,7 @@ def _mpi_environment() -> dict[str, str]:
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     if node.Get_size() == world.Get_size():
         address = "127.0.0.1"
-    else:  # rank 0's first network address, as DeepSpeed's own MPI discovery takes it (untested here: one host)
+    else:  # rank 0's first network address, as DeepSpeed's own MPI discovery takes it (tests/test_multihost.py)
         mine = subprocess.check_output(["hostname", "-I"], text=True).split()[0] if world.Get_rank() == 0 else None
         address = world.bcast(mine, root=0)
     return {"RANK": str(world.Get_rank()), "WORLD_SIZE": str(world.Get_size()),
