@@ -30,9 +30,11 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         shutdown(synchronize=False)
         return 2
+    except Exception as error:  # noqa: BLE001 - any other failure ends this rank, saying where
+        _exit_on_failure(error)
     try:
         fit(run)
-    except Exception as error:  # noqa: BLE001 - any failure ends this rank, saying where
+    except Exception as error:  # noqa: BLE001
         _exit_on_failure(error)
     shutdown()
     return 0
