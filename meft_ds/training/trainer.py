@@ -287,6 +287,10 @@ def fit(run: Run) -> dict:
         logger.info("optimizer-state bytes per rank: %s (total %d)", optimizer_bytes, sum(optimizer_bytes))
 
     eval_results = run_eval() if run.spec.eval_splits else {}
+    for split, metrics in eval_results.items():
+        if metrics.get("constant_predictions"):
+            logger.warning("eval %s: the model predicts the same value for every example (collapsed: lower the "
+                           "learning rate or check the head); results.json records constant_predictions", split)
     steps_run = state["global_step"] - start_step
     if args.save_steps and steps_run:  # the last checkpoint, its log history ending with the final eval
         save_checkpoint(engine, args.output_dir, state, env, commits)
