@@ -138,16 +138,22 @@ class RunArgs:
         "Save a resumable DeepSpeed checkpoint every N steps and at the end. Default: no checkpoints "
         "(the adapter export is written either way)."))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help(
-        "A checkpoint-<step> directory to continue from, or 'latest' for the newest complete one in "
-        "--output_dir. Needs the same world size, global batch, model recipe (method, variant, lam/beta, arithmetic, "
-        "adapter_dim, layer split), ZeRO stage, precision and optimizer as the run that saved it (checked). More "
-        "steps than it was made for: the learning-rate schedule is recomputed for the new count."))
+        "A checkpoint-<step> directory to continue from; 'latest' for the newest one complete on every rank's "
+        "disk in --output_dir; 'auto' for the same, or a fresh start when there is none, so that the same "
+        "command both starts a run and, rerun after a failure, continues it. Needs the same world size, global "
+        "batch, model recipe (method, variant, lam/beta, arithmetic, adapter_dim, layer split), ZeRO stage, "
+        "precision and optimizer as the run that saved it (checked). More steps than it was made for: the "
+        "learning-rate schedule is recomputed for the new count."))
 
     # --- DeepSpeed and launch
     deepspeed: str | None = field(default=None, metadata=_help(
         "DeepSpeed config: a JSON path or a preset name from ds_configs/ (zero2_bf16, cpu, ...). Default: "
         "'cpu' without a GPU, else 'zero2_bf16'."))
     local_rank: int = field(default=-1, metadata=_help("Set by the deepspeed launcher; do not pass it yourself."))
+    ddp_timeout: float = field(default=1800.0, metadata=_help(
+        "Seconds a collective waits for a rank that does not arrive before every waiting rank fails with an "
+        "error (torch.distributed's timeout; Hugging Face's flag and default). A rank that is itself stuck is "
+        "ended by its watchdog once the job's rendezvous store is gone or stops answering for this long."))
     master_port: int = field(default=29500, metadata=_help(
         "Rendezvous port under mpirun or plain python (deepspeed/torchrun set MASTER_PORT themselves)."))
 
@@ -162,6 +168,8 @@ class RunArgs:
             raise ValueError(f"--nonfinite={self.nonfinite!r} is unknown; use one of {NONFINITE_POLICIES}.")
         if self.method not in METHODS:
             raise ValueError(f"--method={self.method!r} is unknown; use one of {METHODS}.")
+        if not self.ddp_timeout > 0:
+            raise ValueError(f"--ddp_timeout={self.ddp_timeout} must be > 0 seconds.")
         if self.reconstruction_error_steps < 0:
             raise ValueError(f"--reconstruction_error_steps={self.reconstruction_error_steps} must be >= 0 (0 = off).")
         if self.reconstruction_error_steps and (self.method != "meft" or self.backward != "reversible"):
@@ -205,13 +213,14 @@ class RunArgs:
                 raise FileNotFoundError(f"--{name} {path} does not exist.")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise FileNotFoundError(f"--data_dir {self.data_dir} is not a directory.")
-        if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
+        if (self.resume_from_checkpoint not in (None, "latest", "auto")
+                and not os.path.isdir(self.resume_from_checkpoint)):
             raise FileNotFoundError(f"--resume_from_checkpoint {self.resume_from_checkpoint} is not a directory.")
         if (os.path.isdir(self.output_dir) and os.listdir(self.output_dir)
                 and not self.overwrite_output_dir and self.resume_from_checkpoint is None):
             raise FileExistsError(
                 f"--output_dir {self.output_dir} is not empty. Pass --overwrite_output_dir to write into it, "
-                "--resume_from_checkpoint latest to continue its run, or choose another directory.")
+                "--resume_from_checkpoint latest (or auto) to continue its run, or choose another directory.")
 
     def learning_rate_default(self) -> float:
         return DEFAULT_LEARNING_RATE[self.method]

@@ -3,10 +3,16 @@
 Checkpoint layout: <output_dir>/checkpoint-<step>/ holding DeepSpeed's files under the tag "deepspeed"
 (trainable weights, optimizer and scheduler state; frozen weights excluded, they come from the pretrained
 model), rng_state_<rank>.pt per rank, and trainer_state.json (step, log history). Every rank writes into
-.tmp-checkpoint-<step>/; after a barrier rank 0 writes trainer_state.json and renames the directory. So a
-directory named checkpoint-<step> is complete; an interrupted save leaves only a .tmp- directory, which
-`find_latest_checkpoint` ignores and the next save of that step replaces. Assumes a filesystem shared by
-all ranks (as Hugging Face's Trainer does by default).
+.tmp-checkpoint-<step>/; after a barrier one rank per disk (its "committer") writes trainer_state.json and
+renames the directory. So a directory named checkpoint-<step> is complete on that disk; an interrupted save
+leaves only a .tmp- directory, which `find_latest_checkpoint` ignores and the next save of that step replaces.
+
+No shared filesystem is needed: `probe_output_disks` finds out at the start of training which ranks see the
+same --output_dir (a file per rank, looked for by every rank), and the lowest rank of each such group
+commits there. With one disk per host, every host's checkpoint-<step>/ holds what its own ranks wrote (and
+DeepSpeed's replicated model-states file, which ZeRO-0/1/2 otherwise writes on rank 0 only); a resume on the
+same hosts reads it back. `agree_on_latest_checkpoint` resumes from the newest step that is complete on
+every rank's disk, since a failure between two hosts' renames leaves the newest step complete on one only.
 
 Adapter export: the trainable weights in fp32, gathered from ZeRO's fp32 masters, written by
 meft_ds.adapter_io.write_adapter (the same directory `save_pretrained` of a converted model writes);
@@ -18,15 +24,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
 import torch
 from ..adapter_io import ModelRecipe, load_adapter_model, write_adapter
-from .distributed import DistEnv, barrier
+from .distributed import DistEnv, all_gather_objects, barrier
 
 __all__ = ["save_checkpoint", "find_latest_checkpoint", "resolve_resume_path", "load_checkpoint",
-           "trainable_state_dict", "export_adapter", "load_adapter_model"]
+           "trainable_state_dict", "export_adapter", "load_adapter_model", "probe_output_disks",
+           "agree_on_latest_checkpoint"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 DEEPSPEED_TAG = "deepspeed"
@@ -44,24 +52,82 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(engine, output_dir: str, trainer_state: dict, env: DistEnv) -> Path:
-    """Save a resumable checkpoint of `trainer_state["global_step"]`; every rank must call this."""
+def probe_output_disks(output_dir: str, env: DistEnv) -> bool:
+    """Whether this rank commits checkpoints in output_dir: True for the lowest rank among those that see the
+    same directory (rank 0 on a shared filesystem; the first rank of each host with a disk per host).
+    Collective: every rank calls it. Creates output_dir on every rank's disk.
+
+    Raises ValueError when the ranks disagree on who shares a disk (a filesystem that does not show one
+    rank's new file to another consistently): checkpoints could not be committed safely there.
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if env.world_size == 1:
+        return True
+    token = all_gather_objects(secrets.token_hex(8))[0]  # rank 0's: one name for this probe on every rank
+    probe = output / f".disk-probe-{token}-{env.rank}"
+    probe.write_text(f"{env.rank}\n")
+    barrier()
+    sees = [rank for rank in range(env.world_size) if (output / f".disk-probe-{token}-{rank}").exists()]
+    barrier()
+    probe.unlink()
+    groups = all_gather_objects(sees)
+    for rank, group in enumerate(groups):
+        if any(groups[other] != group for other in group):
+            raise ValueError(f"--output_dir {output_dir}: ranks disagree on which of them share this directory "
+                             f"(rank {rank} sees the files of ranks {group}, they see {[groups[o] for o in group]}); "
+                             "use a disk per host or one filesystem that every host sees consistently.")
+    return env.rank == min(sees)
+
+
+def save_checkpoint(engine, output_dir: str, trainer_state: dict, env: DistEnv, commits: bool | None = None) -> Path:
+    """Save a resumable checkpoint of `trainer_state["global_step"]`; every rank must call this.
+
+    commits: whether this rank commits the checkpoint on its disk (`probe_output_disks`); default: rank 0
+    only, right for one shared filesystem.
+    """
     output = Path(output_dir)
     step = trainer_state["global_step"]
     final, staging = output / f"checkpoint-{step}", output / f".tmp-checkpoint-{step}"
-    if env.is_main and staging.exists():
+    commits = env.is_main if commits is None else commits
+    if commits and staging.exists():
         shutil.rmtree(staging)  # left by an interrupted save of this step
     barrier()
+    # DeepSpeed creates the directory on rank 0 only, and writes the replicated model states (ZeRO-0/1/2)
+    # from rank 0 only: each other disk needs both from its own ranks.
+    if not env.is_main:
+        (staging / DEEPSPEED_TAG).mkdir(parents=True, exist_ok=True)
+    if commits and not getattr(engine, "save_non_zero_checkpoint", True):
+        engine.save_non_zero_checkpoint = True
     engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
     torch.save(_rng_state(), staging / _rng_file(env.rank))
     barrier()  # every rank's files are written before the checkpoint is declared complete
-    if env.is_main:
+    if commits:
         _write_json(staging / TRAINER_STATE, trainer_state)
         if final.exists():
             shutil.rmtree(final)  # --overwrite_output_dir run replacing an earlier run's checkpoint
         os.replace(staging, final)
     barrier()
     return final
+
+
+def complete_checkpoint_steps(output_dir: str) -> list[int]:
+    """Steps of the complete checkpoint-<step> directories in output_dir (on this rank's disk), ascending."""
+    found = []
+    if os.path.isdir(output_dir):
+        for entry in Path(output_dir).iterdir():
+            match = CHECKPOINT_PATTERN.match(entry.name)
+            if match and (entry / TRAINER_STATE).is_file():
+                found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def agree_on_latest_checkpoint(output_dir: str, env: DistEnv) -> Path | None:
+    """The newest checkpoint-<step> that is complete on every rank's disk, or None. Collective."""
+    steps = set(complete_checkpoint_steps(output_dir))
+    if env.world_size > 1:
+        steps = set.intersection(*(set(s) for s in all_gather_objects(sorted(steps))))
+    return Path(output_dir) / f"checkpoint-{max(steps)}" if steps else None
 
 
 def find_latest_checkpoint(output_dir: str) -> Path | None:
@@ -75,13 +141,17 @@ def find_latest_checkpoint(output_dir: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def resolve_resume_path(resume_from_checkpoint: str, output_dir: str) -> Path:
-    """'latest' -> the newest complete checkpoint of output_dir; a path -> itself, if complete.
+def resolve_resume_path(resume_from_checkpoint: str, output_dir: str, env: DistEnv | None = None) -> Path | None:
+    """'latest' -> the newest complete checkpoint of output_dir; 'auto' -> the same, or None (start from
+    scratch) when there is none; a path -> itself, if complete. With `env` (collective: every rank calls
+    it), the newest step complete on every rank's disk.
 
-    Raises FileNotFoundError when there is none, or the directory is not a complete checkpoint.
+    Raises FileNotFoundError when there is none ('latest'), or the directory is not a complete checkpoint.
     """
-    if resume_from_checkpoint == "latest":
-        path = find_latest_checkpoint(output_dir)
+    if resume_from_checkpoint in ("latest", "auto"):
+        path = find_latest_checkpoint(output_dir) if env is None else agree_on_latest_checkpoint(output_dir, env)
+        if path is None and resume_from_checkpoint == "auto":
+            return None
         if path is None:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint-<step> in {output_dir}.")
         return path

@@ -25,10 +25,12 @@ from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
 from ..telemetry import RankTelemetry, optimizer_state_bytes
 from .args import RunArgs
-from .checkpoint import TRAINER_STATE, export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
+from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, probe_output_disks, resolve_resume_path,
+                         save_checkpoint)
 from .distributed import DistEnv, all_gather_floats, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
 from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, param_groups
+from .same_inputs import check_same_inputs
 
 logger = logging.getLogger("meft_ds.train")
 
@@ -190,15 +192,16 @@ def setup(args: RunArgs) -> Run:
     """
     import deepspeed
 
-    env = init_distributed(args.master_port)
+    env = init_distributed(args.master_port, args.ddp_timeout)
     _setup_logging(env)
     args.check_inputs()
     source = str(resolve_preset(args.deepspeed))
     ds_config, args = merge_ds_config(load_preset(args.deepspeed), args, env.world_size, source=source)
     check_precision_supported(args, source)
+    check_same_inputs(args, source, env)
     resume_path = None
     if args.resume_from_checkpoint:
-        resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+        resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir, env)
 
     tokenizer = load_tokenizer(args.model_name_or_path)
     with local_main_first(env):
@@ -337,10 +340,10 @@ def fit(run: Run) -> dict:
     train_set, accumulation = run.data["train"], args.gradient_accumulation_steps
     output_dir = Path(args.output_dir)
     writer = None
+    commits = probe_output_disks(args.output_dir, env)  # which rank commits checkpoints on this rank's disk
     if env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        output_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(args.logging_dir)
 
     def log(entry: dict) -> None:
@@ -403,7 +406,7 @@ def fit(run: Run) -> dict:
         if args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
             run_eval()
         if args.save_steps and step % args.save_steps == 0 and step < run.total_steps:
-            save_checkpoint(engine, args.output_dir, state, env)
+            save_checkpoint(engine, args.output_dir, state, env, commits)
     progress.close()
     telemetry.close()
     train_seconds = time.perf_counter() - start_time
@@ -419,7 +422,7 @@ def fit(run: Run) -> dict:
                            "learning rate or check the head); results.json records constant_predictions", split)
     steps_run = state["global_step"] - start_step
     if args.save_steps and steps_run:  # the last checkpoint, its log history ending with the final eval
-        save_checkpoint(engine, args.output_dir, state, env)
+        save_checkpoint(engine, args.output_dir, state, env, commits)
     export_adapter(engine, run.recipe, args.output_dir, env)
     peak_gpu_memory = None
     if torch.cuda.is_available():  # allocator peak; on CPU DeepSpeed's memory figures are process RSS
