@@ -7,6 +7,7 @@ same structure (make_reversible, or LoRA) and loads them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -71,22 +72,31 @@ def make_recipe(args, spec, tokenizer) -> ModelRecipe:
     )
 
 
-def build_model(recipe: ModelRecipe) -> nn.Module:
-    """Load the pretrained weights in fp32 (DeepSpeed casts for bf16/fp16) and apply the method.
+def build_model(recipe: ModelRecipe, dtype: torch.dtype = torch.float32, ds_config: dict | None = None) -> nn.Module:
+    """Load the pretrained weights in `dtype` and apply the method.
+
+    Training passes its precision (bf16/fp16: DeepSpeed would cast every weight to it anyway, so no rank
+    ever holds an fp32 copy of the frozen weights) and its merged DeepSpeed config. Under ZeRO-3 the
+    pretrained model is built partitioned (`zero3_construction`): every rank holds only its shard of each
+    weight from the start, and rank 0 streams the checkpoint into the shards tensor by tensor. The method
+    is applied to the partitioned model: make_reversible and PEFT read shapes from the model config and
+    module attributes, never from a partitioned weight (whose local shape is empty); the adapters they
+    create are ordinary tensors that deepspeed.initialize partitions.
 
     Afterwards exactly the weights the method trains require grad. Raises ValueError from
     make_reversible / PEFT for an unsupported model or layer counts that do not fit.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    options = {"dtype": torch.float32}
+    options = {"dtype": dtype}
     if recipe.pad_token_id is not None:
         options["pad_token_id"] = recipe.pad_token_id
-    if recipe.task_kind == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(recipe.base_model_name_or_path, **options)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            recipe.base_model_name_or_path, num_labels=recipe.num_labels, **options)
+    with zero3_construction(ds_config):
+        if recipe.task_kind == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(recipe.base_model_name_or_path, **options)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                recipe.base_model_name_or_path, num_labels=recipe.num_labels, **options)
     if recipe.method == "meft":
         make_reversible(model, MEFTConfig.from_dict(recipe.meft_config))
     elif recipe.method == "lora":
@@ -98,12 +108,40 @@ def build_model(recipe: ModelRecipe) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict | None):
+    """Within the body, transformers' from_pretrained builds under deepspeed.zero.Init (when `ds_config`
+    is a ZeRO-3 config; otherwise this does nothing).
+
+    transformers reads the config through a module-level weak reference that HfDeepSpeedConfig sets; it
+    is cleared on exit so that a later model built in the same process (another run, an export reload)
+    is not partitioned by a config that no longer applies.
+    """
+    if ds_config is None or int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    registered = HfDeepSpeedConfig(ds_config)
+    try:
+        yield registered
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameter count of the whole model, also when ZeRO-3 has partitioned it (numel() is then 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters only (frozen ones never reach the optimizer), in two groups: matrices get
     weight decay; biases, norm weights and the scalar stream mix (ndim < 2) do not."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # A ZeRO-3 partitioned parameter is a flat empty tensor; its real shape is ds_shape.
+    matrices = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trainable]
     groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, matrix in zip(trainable, matrices) if matrix], "weight_decay": weight_decay},
+        {"params": [p for p, matrix in zip(trainable, matrices) if not matrix], "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]

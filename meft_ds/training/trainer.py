@@ -28,7 +28,7 @@ from .args import RunArgs
 from .checkpoint import export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
 from .distributed import DistEnv, all_gather_floats, all_reduce_mean, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
-from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, param_groups
+from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, num_parameters, param_groups
 
 logger = logging.getLogger("meft_ds.train")
 
@@ -167,9 +167,8 @@ def setup(args: RunArgs) -> Run:
 
     torch.manual_seed(args.seed)  # adapter / head init; dropout draws continue from here (saved per checkpoint)
     recipe = make_recipe(args, spec, tokenizer)
-    model = build_model(recipe)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_parameters = sum(p.numel() for p in model.parameters())
+    model = build_model(recipe, dtype=_torch_dtype(args), ds_config=ds_config)
+    trainable, total_parameters = num_parameters(model, trainable_only=True), num_parameters(model)
     schedule = linear_schedule(total_steps, warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, args.weight_decay), config=ds_config,
@@ -193,6 +192,11 @@ def setup(args: RunArgs) -> Run:
     barrier()  # every rank passed every check before rank 0 writes anything
     return Run(args, env, ds_config, spec, data, collate_fn(tokenizer), recipe, engine, optimizer, scheduler,
                total_steps, steps_per_epoch, global_size, trainable, state)
+
+
+def _torch_dtype(args: RunArgs) -> torch.dtype:
+    """The weights' dtype in training: DeepSpeed casts every parameter to 16 bit when bf16/fp16 is on."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 def _precision(args: RunArgs) -> str:
