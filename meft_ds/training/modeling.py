@@ -51,6 +51,16 @@ def default_num_frozen_layers(model_config) -> int:
     return 0
 
 
+def check_sequence_length(model_config, max_seq_length: int) -> None:
+    """Raise ValueError when --max_seq_length exceeds the positions the model was trained with (learned
+    position tables would fail with an index error deep in the forward; rotary models would silently
+    extrapolate)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and max_seq_length > limit:
+        raise ValueError(f"--max_seq_length {max_seq_length} exceeds the {limit} positions of this "
+                         f"{model_config.model_type} model (max_position_embeddings); use at most {limit}.")
+
+
 def make_recipe(args, spec, tokenizer) -> ModelRecipe:
     """The recipe for a run's flags and task; reads the model config (not the weights) for defaults."""
     from transformers import AutoConfig
@@ -127,6 +137,30 @@ def zero3_construction(ds_config: dict | None):
         yield registered
     finally:
         unset_hf_deepspeed_config()
+
+
+def release_weights_after_recompute(engine) -> int:
+    """Under ZeRO-3, partition each reversible layer's weights again as soon as the reversible backward is
+    done with that layer; returns the number of MEFT stacks hooked (0 for other ZeRO stages).
+
+    DeepSpeed treats a forward inside backward as activation-checkpoint recomputation and attributes the
+    frozen weights it gathers to the module whose backward is running -- here the whole MEFT stack -- so
+    it releases them only when the stack's backward ends: by then every reversible layer's weights would
+    be gathered at once on every rank, the whole model for a fully reversible one. Releasing through the
+    parameter coordinator (not by partitioning behind its back) keeps its count of gathered weights, which
+    limits prefetching, right.
+    """
+    from ..reversible import MEFTStack
+
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None)
+    if offload is None:  # not ZeRO-3: every rank holds its weights whole anyway
+        return 0
+    coordinator = offload.get_param_coordinator()
+    stacks = [m for m in engine.module.modules() if isinstance(m, MEFTStack)]
+    for stack in stacks:
+        stack.after_layer_backward = coordinator.release_and_reset_all
+    return len(stacks)
 
 
 def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
