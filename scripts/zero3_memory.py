@@ -93,6 +93,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--code_dir", type=Path, default=REPO, help="checkout whose launch/train.py runs")
+    parser.add_argument("--zero", type=json.loads, default={}, help='more zero_optimization settings (JSON), '
+                        'e.g. \'{"stage3_max_live_parameters": 1e8}\'')
     parser.add_argument("--port", type=int, default=29717)
     parser.add_argument("--timeout", type=int, default=1800)
     args = parser.parse_args()
@@ -101,21 +103,25 @@ def main() -> int:
     model_dir = args.work_dir / name
     parameters = write_model(model_dir, args.layers, args.tiny)
     preset = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
-    preset["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    preset["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0, **args.zero}
     preset["bf16"]["enabled"] = True
-    (args.work_dir / "zero3_threshold0.json").write_text(json.dumps(preset))
-    output = args.work_dir / f"out-{name}-{args.code_dir.name}"
+    tag = "-".join(f"{key.replace('stage3_', '')}={value:g}" for key, value in args.zero.items())
+    output = args.work_dir / f"out-{name}-{args.code_dir.name}{'-' + tag if tag else ''}"
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "ds_config.json").write_text(json.dumps(preset))
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(args.port),
                str(args.code_dir / "launch" / "train.py"), "--model_name_or_path", str(model_dir), "--lm",
                "--train_file", str(REPO / "data" / "lm_example.jsonl"),
                "--validation_file", str(REPO / "data" / "lm_example.jsonl"),
-               "--deepspeed", str(args.work_dir / "zero3_threshold0.json"), "--max_steps", str(args.steps),
+               "--deepspeed", str(output / "ds_config.json"), "--max_steps", str(args.steps),
                "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
                "--max_seq_length", str(args.max_seq_length), "--logging_steps", "1",
                "--output_dir", str(output), "--overwrite_output_dir"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(args.code_dir),
                TOKENIZERS_PARALLELISM="false")
     log = open(args.work_dir / f"{output.name}.log", "w")
+    timeline = open(args.work_dir / f"{output.name}.memory.tsv", "w")  # seconds, pid, RssAnon, VmRSS
+    start = time.time()
     launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     peaks: dict[int, dict[str, int]] = {}
     deadline = time.time() + args.timeout
@@ -125,6 +131,7 @@ def main() -> int:
                 now = _status(pid)
             except OSError:
                 continue
+            timeline.write(f"{time.time() - start:.1f}\t{pid}\t{now.get('RssAnon', 0)}\t{now.get('VmRSS', 0)}\n")
             peak = peaks.setdefault(pid, {})
             for key, value in now.items():
                 peak[key] = max(peak.get(key, 0), value)
@@ -135,7 +142,7 @@ def main() -> int:
         return 1
     results = json.loads((output / "results.json").read_text()) if launcher.returncode == 0 else None
     summary = {
-        "model": name, "parameters": parameters, "fp32_bytes": 4 * parameters, "code": args.code_dir.name,
+        "model": name, "parameters": parameters, "fp32_bytes": 4 * parameters, "code": args.code_dir.name, "zero": args.zero,
         "returncode": launcher.returncode,
         "peak_rss_anon_bytes": [p.get("RssAnon") for _, p in sorted(peaks.items())],
         "peak_vm_rss_bytes": [max(p.get("VmRSS", 0), p.get("VmHWM", 0)) for _, p in sorted(peaks.items())],
