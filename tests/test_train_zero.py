@@ -31,7 +31,8 @@ STAGES = (1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
 # (ZeRO stage, precision, method, backward): the ZeRO x precision grid of MEFT, then the other paths.
 CASES = [(stage, precision, "meft", "reversible") for stage in STAGES for precision in PRECISIONS] + [
-    (2, "fp32", "meft", "vanilla"), (2, "fp32", "lora", "reversible"), (3, "fp32", "full", "reversible")]
+    (2, "fp32", "meft", "vanilla"), (2, "fp32", "lora", "reversible"), (3, "fp32", "full", "reversible"),
+    (3, "fp32", "meft", "vanilla"), (3, "fp32", "lora", "reversible")]
 # Relative error of the weight update (all trainable tensors) and of the step-1 loss, per precision.
 # The bf16 reference runs in bf16 too (an fp32 one differs by ~17% on this random model: its gradient is a
 # small sum of larger per-example terms); what is left is summation order, ~1e-2 relative in bf16.
