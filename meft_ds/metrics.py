@@ -16,6 +16,7 @@ Conventions (those of scikit-learn / scipy, so numbers compare with published GL
 * pearson / spearmanr are NaN when predictions or labels are constant (correlation is undefined);
   spearmanr ranks ties by their average rank.
 * When a task has several metrics `combined_score` is their mean (the usual model-selection number).
+* `constant_predictions: True` is added when every prediction is the same (a collapsed model).
 """
 
 from __future__ import annotations
@@ -144,4 +145,8 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
     results = {name: functions[name](predictions, labels) for name in spec.metrics}
     if len(results) > 1:
         results["combined_score"] = float(np.mean(list(results.values())))
+    if len(predictions) > 1 and np.all(predictions == predictions[0]):
+        # A collapsed model (one class for every example, or one score: pearson is NaN) must not pass for
+        # a bad-but-working one: the flag goes into results.json and the trainer warns.
+        results["constant_predictions"] = True
     return results

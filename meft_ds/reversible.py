@@ -24,6 +24,7 @@ import contextlib
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -273,6 +274,9 @@ class MEFTStack(nn.Module):
         # are done: a partitioning runtime releases the weights it gathered for that recomputation
         # (meft_ds.training.modeling.release_weights_after_recompute, ZeRO-3).
         self.after_layer_backward = None
+        # Gradient checkpointing of the layers that use cached backprop (above num_reversible): their
+        # activations are recomputed in backward instead of kept; the reversible ones keep none anyway.
+        self.checkpoint_cached = False
 
     def _report_reconstruction(self, error: float) -> None:
         self.last_reconstruction_error = error
@@ -315,6 +319,12 @@ class MEFTStack(nn.Module):
             x1 = x2 = self.coupling.encode(h)
             rest = zip(self.meft_layers, seeds)
         for layer, layer_seeds in rest:
-            (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype)
+            if differentiable and self.checkpoint_cached:
+                # Non-reentrant: it needs no input that requires grad (the stack input may not) and keeps
+                # only the layer's inputs; dropout repeats from the layer's seeds.
+                (x1, x2), _ = torch.utils.checkpoint.checkpoint(layer, x1, x2, inputs, layer_seeds, compute_dtype,
+                                                                use_reentrant=False)
+            else:
+                (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype)
         main, other = (x1.value, x2.value) if self.main_stream == 0 else (x2.value, x1.value)
         return (main + self.mix.to(main.dtype) * other).to(hidden_states.dtype)

@@ -14,7 +14,7 @@ cd "$ROOT"
 OUT="${OUT:-$ROOT/output/gpu_check}"
 mkdir -p "$OUT"
 export PATH="${MEFT_VENV:-$ROOT/.venv}/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/meft_ds/torch_extensions}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${MEFT_VENV:-$ROOT/.venv}/torch_extensions}"
 nvidia-smi -L | tee "$OUT/device.txt"
 COMMON=(--max_steps 120 --per_device_train_batch_size 32 --learning_rate 3e-3 --warmup_ratio 0.1
         --logging_steps 10 --overwrite_output_dir)

@@ -86,6 +86,15 @@ def test_compute_metrics_per_task():
     assert compute_metrics(GLUE_TASKS["mnli"], mnli_logits, np.array([1, 0, 0])) == {"accuracy": 2 / 3}
 
 
+def test_constant_predictions_are_flagged():
+    """A collapsed model says so instead of a bare NaN (regression) or a plausible accuracy (one class)."""
+    stsb = compute_metrics(GLUE_TASKS["stsb"], np.full((4, 1), 2.5), np.array([1.0, 2.0, 4.0, 5.0]))
+    assert math.isnan(stsb["pearson"]) and stsb["constant_predictions"] is True
+    sst2 = compute_metrics(GLUE_TASKS["sst2"], np.ones(8, int), LABELS)
+    assert sst2 == {"accuracy": 0.5, "constant_predictions": True}
+    assert "constant_predictions" not in compute_metrics(GLUE_TASKS["sst2"], PREDICTED, LABELS)
+
+
 def test_compute_metrics_shape_mismatch():
     with pytest.raises(ValueError, match="do not match labels"):
         compute_metrics(GLUE_TASKS["sst2"], np.zeros((3, 2)), np.zeros(4, int))

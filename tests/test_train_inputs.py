@@ -170,7 +170,7 @@ def test_adapter_export_round_trip(tmp_path, method):
                 p.add_(torch.randn_like(p) * 0.1)  # stands in for training
     export_adapter(_Engine(trained), recipe, str(tmp_path / "out"), SINGLE_RANK)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "config.json"]
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["method"] == method
     loaded = load_adapter_model(str(tmp_path / "out"))
     fresh = build_model(recipe).eval()

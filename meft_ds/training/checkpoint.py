@@ -8,14 +8,13 @@ directory named checkpoint-<step> is complete; an interrupted save leaves only a
 `find_latest_checkpoint` ignores and the next save of that step replaces. Assumes a filesystem shared by
 all ranks (as Hugging Face's Trainer does by default).
 
-Adapter export: adapter_model.safetensors (the trainable weights in fp32, gathered from ZeRO's fp32 masters)
-and adapter_config.json (the ModelRecipe); `load_adapter_model` rebuilds the model from the original
-pretrained weights and loads them.
+Adapter export: the trainable weights in fp32, gathered from ZeRO's fp32 masters, written by
+meft_ds.adapter_io.write_adapter (the same directory `save_pretrained` of a converted model writes);
+`meft_ds.load_adapter_model` rebuilds the model from the original pretrained weights and loads them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -23,16 +22,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
-
+from ..adapter_io import ModelRecipe, load_adapter_model, write_adapter
 from .distributed import DistEnv, barrier
-from .modeling import ModelRecipe, build_model
+
+__all__ = ["save_checkpoint", "find_latest_checkpoint", "resolve_resume_path", "load_checkpoint",
+           "trainable_state_dict", "export_adapter", "load_adapter_model"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 DEEPSPEED_TAG = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _rng_file(rank: int) -> str:
@@ -128,39 +126,11 @@ def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 def export_adapter(engine, recipe: ModelRecipe, output_dir: str, env: DistEnv) -> None:
-    """Write adapter_model.safetensors + adapter_config.json into output_dir (rank 0). Collective."""
-    from safetensors.torch import save_file
-
+    """Write the adapter directory (adapter_io.write_adapter) into output_dir on rank 0. Collective."""
     state = trainable_state_dict(engine)
     if env.is_main:
-        output = Path(output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        staging = output / f".tmp-{ADAPTER_WEIGHTS}"
-        save_file(state, str(staging), metadata={"format": "pt"})
-        os.replace(staging, output / ADAPTER_WEIGHTS)
-        _write_json(output / ADAPTER_CONFIG, dataclasses.asdict(recipe))
+        write_adapter(output_dir, state, recipe)
     barrier()
-
-
-def load_adapter_model(adapter_dir: str, model_name_or_path: str | None = None) -> nn.Module:
-    """The trained model: the original pretrained model (from adapter_config.json, or `model_name_or_path`
-    if it moved), converted the same way (make_reversible / LoRA), with the exported weights loaded.
-
-    Raises ValueError when the exported weights do not match the rebuilt model's trainable parameters.
-    """
-    from safetensors.torch import load_file
-
-    recipe = ModelRecipe(**json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()))
-    if model_name_or_path is not None:
-        recipe = dataclasses.replace(recipe, base_model_name_or_path=model_name_or_path)
-    model = build_model(recipe)
-    state = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
-    if set(state) != expected:
-        raise ValueError(f"{adapter_dir}: exported weights do not match the rebuilt model; missing "
-                         f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}.")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -28,8 +28,8 @@ from .args import RunArgs
 from .checkpoint import export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
 from .distributed import DistEnv, all_gather_floats, all_reduce_mean, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
-from .modeling import (ModelRecipe, build_model, check_sequence_length, load_tokenizer, make_recipe, num_parameters, param_groups,
-                       release_weights_after_recompute)
+from .modeling import (ModelRecipe, build_model, check_sequence_length, load_tokenizer, make_recipe, num_parameters,
+                       param_groups, release_weights_after_recompute)
 
 logger = logging.getLogger("meft_ds.train")
 
@@ -299,6 +299,10 @@ def fit(run: Run) -> dict:
                                          float(param_bytes(engine.module, trainable=True))])
 
     eval_results = run_eval() if run.spec.eval_splits else {}
+    for split, metrics in eval_results.items():
+        if metrics.get("constant_predictions"):
+            logger.warning("eval %s: the model predicts the same value for every example (collapsed: lower the "
+                           "learning rate or check the head); results.json records constant_predictions", split)
     steps_run = state["global_step"] - start_step
     if args.save_steps and steps_run:  # the last checkpoint, its log history ending with the final eval
         save_checkpoint(engine, args.output_dir, state, env)
