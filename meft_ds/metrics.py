@@ -91,7 +91,8 @@ def lm_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     -100 (prompt, padding) are not scored. Only the scored positions' logits are upcast to fp32, so a
     batch of 16-bit full-vocabulary logits costs no fp32 copy of itself; nothing moves to the CPU.
     """
-    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels).to(torch.as_tensor(logits).device)
+    logits = torch.as_tensor(logits)
+    labels = torch.as_tensor(labels).to(logits.device)
     shifted_labels = labels[:, 1:].reshape(-1).long()
     scored = shifted_labels != LABEL_PAD_ID
     scored_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])[scored].float()

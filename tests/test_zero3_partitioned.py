@@ -4,7 +4,8 @@ A tiny OPT (3 layers: 1 frozen, 2 reversible MEFT layers; causal-LM data) is tra
 tests/zero3_partition_worker.py, which records where each layer's weights are while the reversible backward
 runs. DeepSpeed's prefetch bucket, live-parameter budget and reuse distance are set to a fraction of a layer
 so that the tiny model behaves like a big one (by default DeepSpeed would prefetch all of it at once).
-The same run with offload_param to CPU must train identically. The gradient equality with a
+The same run with offload_param to CPU, and one with DeepSpeed's default persistence threshold (every tiny
+weight kept whole), must train identically. The gradient equality with a
 single-process reference under this partitioning is test_train_zero.py's (its ZeRO-3 preset uses threshold 0).
 """
 
@@ -28,8 +29,10 @@ def reports(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("zero3_partitioned")
     model = save_tiny_opt(tmp_path / "opt")
     runs = []
-    for offload in OFFLOADS:
+    for offload in OFFLOADS + ("persistent",):
         zero = dict(SMALL_MODEL_AS_BIG, **({"offload_param": {"device": "cpu"}} if offload == "cpu" else {}))
+        if offload == "persistent":  # DeepSpeed's default threshold: every tiny weight is kept whole
+            del zero["stage3_param_persistence_threshold"]
         preset = write_preset(tmp_path / f"zero3_{offload}.json", 3, zero=zero)
         runs.append(dict(model_name_or_path=str(model), lm=True, train_file=str(REPO / "data" / "lm_example.jsonl"),
                          validation_file=str(REPO / "data" / "lm_example.jsonl"), deepspeed=str(preset), bf16=True,
@@ -89,8 +92,10 @@ def test_prefetch_follows_the_reversible_order(reports, offload):
 
 
 @pytest.mark.slow
-def test_offload_param_trains_identically(reports):
+def test_offload_and_persistence_train_identically(reports):
+    """offload_param to CPU, and weights kept whole (persistent: the release after each layer's backward
+    partitions them too, and DeepSpeed gathers them again on their next use), give the same losses."""
     _, tmp_path = reports
-    losses = {offload: train_losses(tmp_path / offload) for offload in OFFLOADS}
+    losses = {offload: train_losses(tmp_path / offload) for offload in OFFLOADS + ("persistent",)}
     assert sorted(losses["none"]) == list(range(1, STEPS + 1))
-    assert losses["cpu"] == losses["none"]
+    assert losses["cpu"] == losses["none"] and losses["persistent"] == losses["none"]
