@@ -17,6 +17,7 @@ through `write_adapter`. Reader: `load_adapter_model`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -154,8 +155,17 @@ def recipe_for(model: nn.Module, base_model_name_or_path: str | None = None) -> 
     )
 
 
-def build_model(recipe: ModelRecipe, model_name_or_path: str | None = None) -> nn.Module:
-    """Load the pretrained weights in fp32 (DeepSpeed casts for bf16/fp16) and apply the method.
+def build_model(recipe: ModelRecipe, model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
+                ds_config: dict | None = None) -> nn.Module:
+    """Load the pretrained weights in `dtype` and apply the method.
+
+    Training passes its precision (bf16/fp16: DeepSpeed would cast every weight to it anyway, so no rank
+    ever holds an fp32 copy of the frozen weights) and its merged DeepSpeed config. Under ZeRO-3 the
+    pretrained model is built partitioned (`zero3_construction`): every rank holds only its shard of each
+    weight from the start, and rank 0 streams the checkpoint into the shards module by module. The method
+    is applied to the partitioned model: make_reversible and PEFT read shapes from the model config and
+    module attributes, never from a partitioned weight (whose local tensor is empty); the adapters they
+    create are ordinary tensors that deepspeed.initialize partitions.
 
     Afterwards exactly the weights the method trains require grad. Raises ValueError for a base that is
     not the one the recipe was trained on (model_type or widths), and from make_reversible / PEFT for an
@@ -171,7 +181,8 @@ def build_model(recipe: ModelRecipe, model_name_or_path: str | None = None) -> n
         options["num_labels"] = recipe.num_labels
     model_config = transformers.AutoConfig.from_pretrained(base, **options)
     check_base(recipe, model_config, base)  # before any weight is read
-    model = getattr(transformers, recipe.auto_class).from_pretrained(base, config=model_config, dtype=torch.float32)
+    with zero3_construction(ds_config):
+        model = getattr(transformers, recipe.auto_class).from_pretrained(base, config=model_config, dtype=dtype)
     if recipe.method == "meft":
         make_reversible(model, MEFTConfig.from_dict(recipe.meft_config))
     elif recipe.method == "lora":
@@ -181,6 +192,27 @@ def build_model(recipe: ModelRecipe, model_name_or_path: str | None = None) -> n
         lora = LoraConfig(task_type=task_type, r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, lora_dropout=0.0)
         model = get_peft_model(model, lora)
     return model
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict | None):
+    """Within the body, transformers' from_pretrained builds under deepspeed.zero.Init (when `ds_config`
+    is a ZeRO-3 config; otherwise this does nothing).
+
+    transformers reads the config through a module-level weak reference that HfDeepSpeedConfig sets; it
+    is cleared on exit so that a later model built in the same process (another run, an export reload)
+    is not partitioned by a config that no longer applies.
+    """
+    if ds_config is None or int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    registered = HfDeepSpeedConfig(ds_config)
+    try:
+        yield registered
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def write_adapter(save_directory: str, state: dict[str, torch.Tensor], recipe: ModelRecipe) -> None:

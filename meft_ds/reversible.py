@@ -141,9 +141,12 @@ class MEFTLayer(nn.Module):
 class _StackRun:
     """What one forward of the reversible part needs again in backward (no tensors: those are saved)."""
 
-    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index, report=None):
+    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index, report=None,
+                 after_layer_backward=None):
         self.layers, self.seeds, self.compute_dtype, self.rebuild = layers, seeds, compute_dtype, rebuild
         self.coupling, self.first_index = coupling, first_index
+        # Called with each layer once backward is done with it (MEFTStack.after_layer_backward).
+        self.after_layer_backward = after_layer_backward
         # When set, a callable(error: float): the forward keeps every layer's input streams (visible to
         # saved-tensor hooks, like cached backprop) and backward reports the largest relative error of
         # the rebuilt ones. A diagnostic for sampled steps, not for every step.
@@ -224,6 +227,8 @@ class ReversibleFunction(torch.autograd.Function):
                 layer, seeds = run.layers[i], run.seeds[i]
                 out1, out2, dx1, dx2 = layer.backward_step(out1, out2, dx1, dx2, sides[2 * i: 2 * i + 2],
                                                            inputs, seeds, run.compute_dtype)
+                if run.after_layer_backward is not None:
+                    run.after_layer_backward(layer)
                 if kept:
                     rebuilt = torch.stack([out1.value, out2.value]).double()
                     error = (rebuilt - kept[i]).norm() / kept[i].double().norm().clamp_min(1e-30)
@@ -292,6 +297,10 @@ class MEFTStack(nn.Module):
         # last_reconstruction_error: the largest relative error of the layer inputs rebuilt in backward.
         self.measure_reconstruction = False
         self.last_reconstruction_error: float | None = None
+        # Optional callable(layer), run in the reversible backward once a layer's recomputation and gradients
+        # are done: a partitioning runtime releases the weights it gathered for that recomputation
+        # (meft_ds.training.modeling.release_weights_after_recompute, ZeRO-3).
+        self.after_layer_backward = None
         # Gradient checkpointing of the layers that use cached backprop (above num_reversible): their
         # activations are recomputed in backward instead of kept; the reversible ones keep none anyway.
         self.checkpoint_cached = False
@@ -327,7 +336,8 @@ class MEFTStack(nn.Module):
             split = _Inputs(inputs)
             run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,
                             self.coupling, first_index=len(self.frozen_layers),
-                            report=self._report_reconstruction if self.measure_reconstruction else None)
+                            report=self._report_reconstruction if self.measure_reconstruction else None,
+                            after_layer_backward=self.after_layer_backward)
             outputs = ReversibleFunction.apply(run, h, h, *split.tensors)
             states = outputs[2:] if len(outputs) == 4 else (None, None)
             x1, x2 = Stream(outputs[0], states[0]), Stream(outputs[1], states[1])

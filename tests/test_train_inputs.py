@@ -55,6 +55,8 @@ def test_defaults_are_the_offline_model_and_the_sst2_sample():
     ({"max_steps": -1, "num_train_epochs": 0}, "--max_steps"),
     ({"data_dir": "a", "train_file": "b"}, "--data_dir"),
     ({"lm": True}, "--lm"),
+    ({"method": "lora", "num_frozen_layers": 2}, "--num_frozen_layers applies to --method meft only"),
+    ({"method": "full", "num_frozen_layers": 0}, "--num_frozen_layers applies to --method meft only"),
 ])
 def test_invalid_settings_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -204,7 +206,7 @@ def test_param_groups_hold_only_trainable_weights(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["nonempty_output_dir", "conflicting_ds_value", "missing_train_file", "fp16_on_cpu",
-                                  "hub_task_offline"])
+                                  "hub_task_offline", "sequence_beyond_positions", "frozen_layers_with_lora"])
 def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, case):
     output = tmp_path / "out"
     flags = ["--output_dir", output]
@@ -223,6 +225,12 @@ def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, cas
     elif case == "hub_task_offline":  # launch_env sets HF_HUB_OFFLINE=1
         flags += ["--task_name", "rte"]
         expected = "offline, pass --data_dir"
+    elif case == "sequence_beyond_positions":  # the default MiniLM has 512 positions
+        flags += ["--max_seq_length", "513"]
+        expected = "--max_seq_length 513 exceeds the 512 positions of this bert model"
+    elif case == "frozen_layers_with_lora":
+        flags += ["--method", "lora", "--num_frozen_layers", "2"]
+        expected = "--num_frozen_layers applies to --method meft only"
     else:
         if fp16_supported_here():
             pytest.skip("this machine's accelerator supports fp16, so fp16 is not a bad input here "

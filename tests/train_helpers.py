@@ -62,10 +62,11 @@ def write_tiny_sst2(path: Path, train_lines: int, dev_lines: int) -> Path:
     return path
 
 
-def write_preset(path: Path, stage: int, **optimizer_params) -> Path:
-    """The shipped CPU preset with another ZeRO stage (and optimizer parameters) set."""
+def write_preset(path: Path, stage: int, zero: dict | None = None, **optimizer_params) -> Path:
+    """The shipped CPU preset with another ZeRO stage (and zero_optimization / optimizer settings) set."""
     config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
     config["zero_optimization"]["stage"] = stage
+    config["zero_optimization"].update(zero or {})
     config["optimizer"]["params"].update(optimizer_params)
     path.write_text(json.dumps(config))
     return path

@@ -90,7 +90,9 @@ class RunArgs:
     # --- optimisation (None = take the DeepSpeed preset's value, else the default in the help)
     per_device_train_batch_size: int | None = field(default=None, metadata=_help(
         "Micro-batch per rank (DeepSpeed train_micro_batch_size_per_gpu). Default: the preset's value, else 16."))
-    per_device_eval_batch_size: int = field(default=64, metadata=_help("Evaluation batch per rank."))
+    per_device_eval_batch_size: int | None = field(default=None, metadata=_help(
+        "Evaluation batch per rank. Default: the training micro-batch (evaluation keeps no activations for "
+        "backward, so what fits in training fits here; a causal LM's logits are batch x length x vocabulary)."))
     gradient_accumulation_steps: int | None = field(default=None, metadata=_help(
         "Micro-batches summed per optimizer step. Default: the preset's value, else 1."))
     learning_rate: float | None = field(default=None, metadata=_help(
@@ -158,8 +160,9 @@ class RunArgs:
         "Rendezvous port under mpirun or plain python (deepspeed/torchrun set MASTER_PORT themselves)."))
 
     def __post_init__(self):
-        positive = ("adapter_dim", "max_seq_length", "per_device_eval_batch_size", "logging_steps")
-        positive_or_none = ("per_device_train_batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps")
+        positive = ("adapter_dim", "max_seq_length", "logging_steps")
+        positive_or_none = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                            "eval_steps", "save_steps")
         for name in positive + positive_or_none:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
@@ -176,6 +179,11 @@ class RunArgs:
             raise ValueError("--reconstruction_error_steps measures the reversible backward's rebuilt inputs: it needs "
                              f"--method meft --backward reversible (got --method {self.method} --backward "
                              f"{self.backward}).")
+        if self.num_frozen_layers is not None and self.method != "meft":
+            # Refused rather than mapped onto LoRA's layer selection: a silently different meaning per method
+            # would make MEFT-vs-LoRA comparisons wrong without anyone noticing.
+            raise ValueError(f"--num_frozen_layers applies to --method meft only (layers kept frozen below the "
+                             f"reversible stack); --method {self.method} adapts every layer: drop the flag.")
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are both set; pick one precision.")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -12,7 +12,8 @@ from torch import nn
 from ..adapter_io import ModelRecipe, base_fingerprint, build_model
 from ..config import MEFTConfig
 
-__all__ = ["ModelRecipe", "build_model", "make_recipe", "load_tokenizer", "default_num_frozen_layers", "param_groups"]
+__all__ = ["ModelRecipe", "build_model", "make_recipe", "load_tokenizer", "default_num_frozen_layers", "param_groups",
+           "check_sequence_length", "num_parameters", "release_weights_after_recompute"]
 
 # Deep decoders: the reference work keeps the lowest layers frozen (METHOD.md, "Deep models").
 FROZEN_SHARE_MODEL_TYPES = ("opt", "llama", "mistral")
@@ -34,6 +35,16 @@ def default_num_frozen_layers(model_config) -> int:
     if model_config.model_type in FROZEN_SHARE_MODEL_TYPES:
         return model_config.num_hidden_layers // FROZEN_SHARE_DIVISOR
     return 0
+
+
+def check_sequence_length(model_config, max_seq_length: int) -> None:
+    """Raise ValueError when --max_seq_length exceeds the positions the model was trained with (learned
+    position tables would fail with an index error deep in the forward; rotary models would silently
+    extrapolate)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and max_seq_length > limit:
+        raise ValueError(f"--max_seq_length {max_seq_length} exceeds the {limit} positions of this "
+                         f"{model_config.model_type} model (max_position_embeddings); use at most {limit}.")
 
 
 def make_recipe(args, spec, tokenizer) -> ModelRecipe:
@@ -59,12 +70,43 @@ def make_recipe(args, spec, tokenizer) -> ModelRecipe:
     )
 
 
+def release_weights_after_recompute(engine) -> int:
+    """Under ZeRO-3, partition each reversible layer's weights again as soon as the reversible backward is
+    done with that layer; returns the number of MEFT stacks hooked (0 for other ZeRO stages).
+
+    DeepSpeed treats a forward inside backward as activation-checkpoint recomputation and attributes the
+    frozen weights it gathers to the module whose backward is running -- here the whole MEFT stack -- so
+    it releases them only when the stack's backward ends: by then every reversible layer's weights would
+    be gathered at once on every rank, the whole model for a fully reversible one. Releasing through the
+    parameter coordinator (not by partitioning behind its back) keeps its count of gathered weights, which
+    limits prefetching, right.
+    """
+    from ..reversible import MEFTStack
+
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None)
+    if offload is None:  # not ZeRO-3: every rank holds its weights whole anyway
+        return 0
+    coordinator = offload.get_param_coordinator()
+    stacks = [m for m in engine.module.modules() if isinstance(m, MEFTStack)]
+    for stack in stacks:
+        stack.after_layer_backward = coordinator.release_and_reset_all
+    return len(stacks)
+
+
+def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameter count of the whole model, also when ZeRO-3 has partitioned it (numel() is then 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters only (frozen ones never reach the optimizer), in two groups: matrices get
     weight decay; biases, norm weights and the scalar stream mix (ndim < 2) do not."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # A ZeRO-3 partitioned parameter is a flat empty tensor; its real shape is ds_shape.
+    matrices = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trainable]
     groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, matrix in zip(trainable, matrices) if matrix], "weight_decay": weight_decay},
+        {"params": [p for p, matrix in zip(trainable, matrices) if not matrix], "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]

@@ -23,13 +23,14 @@ import torch.distributed as dist
 
 from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
-from ..telemetry import RankTelemetry, optimizer_state_bytes
+from ..telemetry import RankTelemetry, optimizer_state_bytes, param_bytes
 from .args import RunArgs
 from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, probe_output_disks, resolve_resume_path,
                          save_checkpoint)
 from .distributed import DistEnv, all_gather_floats, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
-from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, param_groups
+from .modeling import (ModelRecipe, build_model, check_sequence_length, load_tokenizer, make_recipe, num_parameters,
+                       param_groups, release_weights_after_recompute)
 from .same_inputs import check_same_inputs
 
 logger = logging.getLogger("meft_ds.train")
@@ -121,24 +122,25 @@ def evaluate(engine, dataset, spec, collate, env: DistEnv, batch_size: int) -> d
     per_rank = math.ceil(n / env.world_size)
     indices = [(env.rank + env.world_size * k) % n for k in range(per_rank)]
     real = [env.rank + env.world_size * k < n for k in range(per_rank)]
-    outputs, loss_sum, token_count = [], 0.0, 0
+    outputs, lm_sums = [], torch.zeros(3, dtype=torch.float64, device=engine.device)
     engine.eval()
     with torch.no_grad():
         for start in range(0, per_rank, batch_size):
             rows = indices[start:start + batch_size]
             keep = real[start:start + batch_size]
             batch = _to_device(collate([dataset[i] for i in rows]), engine.device)
-            logits = engine(**batch).logits.float().cpu()
-            if spec.is_causal_lm:
-                kept = torch.tensor(keep)
-                sums = lm_loss_sums(logits[kept], batch["labels"].cpu()[kept])
-                loss_sum, token_count = loss_sum + sums[0], token_count + sums[1]
+            # Without labels: the model would also compute its own mean loss over an fp32 copy of all logits.
+            logits = engine(**{name: t for name, t in batch.items() if name != "labels"}).logits
+            if spec.is_causal_lm:  # reduced on the device: only 3 numbers per rank leave it, at the end
+                kept = torch.tensor(keep, device=logits.device)
+                lm_sums += lm_loss_sums(logits[kept], batch["labels"][kept])
             else:
-                outputs += [(i, row.tolist()) for i, row, k in zip(rows, logits, keep) if k]
+                outputs += [(i, row.tolist()) for i, row, k in zip(rows, logits.float().cpu(), keep) if k]
     engine.train()
     if spec.is_causal_lm:
-        totals = all_gather_floats([loss_sum, float(token_count)])
-        return lm_metrics(sum(t[0] for t in totals), int(sum(t[1] for t in totals)))
+        totals = all_gather_floats(lm_sums.tolist())
+        loss_sum, num_tokens, num_correct = (sum(t[k] for t in totals) for k in range(3))
+        return lm_metrics(loss_sum, int(num_tokens), int(num_correct))
     gathered = [None] * env.world_size
     dist.all_gather_object(gathered, outputs)
     by_index = dict(pair for part in gathered for pair in part)
@@ -203,6 +205,9 @@ def setup(args: RunArgs) -> Run:
     if args.resume_from_checkpoint:
         resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir, env)
 
+    from transformers import AutoConfig
+
+    check_sequence_length(AutoConfig.from_pretrained(args.model_name_or_path), args.max_seq_length)
     tokenizer = load_tokenizer(args.model_name_or_path)
     with local_main_first(env):
         raw, spec = load_task_datasets(task_name=args.task_name, data_dir=args.data_dir, train_file=args.train_file,
@@ -222,14 +227,14 @@ def setup(args: RunArgs) -> Run:
     identity = run_identity(recipe, ds_config, args)
     if resume_path is not None:
         check_same_run(json.loads((resume_path / TRAINER_STATE).read_text()), identity, resume_path)
-    model = build_model(recipe)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_parameters = sum(p.numel() for p in model.parameters())
+    model = build_model(recipe, dtype=_torch_dtype(args), ds_config=ds_config)
+    trainable, total_parameters = num_parameters(model, trainable_only=True), num_parameters(model)
     schedule = linear_schedule(total_steps, warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, args.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    release_weights_after_recompute(engine)
     logger.info("world size %d | global batch %d = %d x %d accumulation x %d ranks | %d steps (%d per epoch), "
                 "%d warm-up | %s | ZeRO-%d | %s | trainable parameters %d of %d (%.2f%%)",
                 env.world_size, global_size, micro_size, accumulation, env.world_size, total_steps, steps_per_epoch,
@@ -323,6 +328,11 @@ def check_precision_supported(args: RunArgs, source: str) -> None:
                          "accelerator; use --bf16 or fp32 here, fp16 on a GPU.")
 
 
+def _torch_dtype(args: RunArgs) -> torch.dtype:
+    """The weights' dtype in training: DeepSpeed casts every parameter to 16 bit when bf16/fp16 is on."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
 def _precision(args: RunArgs) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
@@ -355,7 +365,8 @@ def fit(run: Run) -> dict:
         logger.info(json.dumps(entry))
 
     def run_eval() -> dict:
-        results = {split: evaluate(engine, run.data[split], run.spec, run.collate, env, args.per_device_eval_batch_size)
+        eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
+        results = {split: evaluate(engine, run.data[split], run.spec, run.collate, env, eval_batch_size)
                    for split in run.spec.eval_splits}
         log({"step": state["global_step"],
              **{f"eval/{split}/{name}": value for split, m in results.items() for name, value in m.items()}})
@@ -414,6 +425,9 @@ def fit(run: Run) -> dict:
     if state["global_step"] > 0:  # Adam's moments exist from the first step on (or from the checkpoint)
         optimizer_bytes = [int(b[0]) for b in all_gather_floats([float(optimizer_state_bytes(run.optimizer))])]
         logger.info("optimizer-state bytes per rank: %s (total %d)", optimizer_bytes, sum(optimizer_bytes))
+    # What each rank holds of the weights themselves (ZeRO-3: its shards; ZeRO-1/2: every weight).
+    parameter_bytes = all_gather_floats([float(param_bytes(engine.module, trainable=False)),
+                                         float(param_bytes(engine.module, trainable=True))])
 
     eval_results = run_eval() if run.spec.eval_splits else {}
     for split, metrics in eval_results.items():
@@ -435,6 +449,8 @@ def fit(run: Run) -> dict:
         "train_samples_per_second": round(steps_run * run.global_batch_size / train_seconds, 3) if steps_run else None,
         "eval": eval_results,
         "optimizer_state_bytes_per_rank": optimizer_bytes,
+        "frozen_parameter_bytes_per_rank": [int(b[0]) for b in parameter_bytes],
+        "trainable_parameter_bytes_per_rank": [int(b[1]) for b in parameter_bytes],
         "peak_gpu_memory_bytes_per_rank": peak_gpu_memory,
         "trainable_parameters": run.trainable_parameters,
         "world_size": env.world_size,
