@@ -36,7 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE = REPO.parent / "shared" / "data" / "glue"
+# The full GLUE files (standard GLUE TSV layout, one folder per task: RTE/, SST-2/) live outside the repo:
+# point GLUE_DIR at them. Only the SST-2 sample in data/sst2 ships with the repository.
+GLUE = Path(os.environ.get("GLUE_DIR", "glue"))
 
 # method name in the table -> launcher flags
 METHODS = {
@@ -54,6 +56,14 @@ LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "meft1": 3e-3, "meft2": 3e-3, "mef
 SEARCH_GRID = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3, 1e-2],
                **{m: [1e-3, 3e-3, 1e-2, 3e-2] for m in ("meft1", "meft2", "meft3")}}
 SELECTION_SIZE = 872  # as many as SST-2 dev
+
+
+def _shown(path: str) -> str:
+    """A data path as the docs print it: relative to the repo, or under $GLUE_DIR; never this machine's path."""
+    path = Path(path).resolve()
+    if path.is_relative_to(REPO):
+        return str(path.relative_to(REPO))
+    return f"$GLUE_DIR/{path.name}" if path.parent == GLUE.resolve() else path.name
 
 
 @dataclass
@@ -172,7 +182,7 @@ def run_one(cmd: list[str], out: Path, log: Path, threads: int) -> float:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "meft_ds" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # per environment
     env["OMP_NUM_THREADS"] = str(threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -436,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({budget.ranks} rank(s) x {budget.per_device_train_batch_size}), warm-up ratio {budget.warmup_ratio} "
         f"then linear decay, {'bf16' if budget.bf16 else 'fp32'}, DeepSpeed preset `cpu` (ZeRO-2, torch AdamW, "
         f"weight decay 0, grad clip 1.0).",
-        *[f"- {t}: {task.max_steps} steps, max_seq_length {task.max_seq_length}, data {task.data_dir}"
+        *[f"- {t}: {task.max_steps} steps, max_seq_length {task.max_seq_length}, data {_shown(task.data_dir)}"
           for t, task in tasks.items()],
         f"- learning rates: {', '.join(f'{m} {lrs[m]:g}' for m in a.methods)}; seeds {seeds}"
         + (" (chosen by --search, below)" if search else " (fixed, no search)")
@@ -454,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         md += "\n" + NOTES_MARKER + out_md.read_text().split(NOTES_MARKER, 1)[1]
     out_md.write_text(md)
     Path(a.out_json).write_text(json.dumps({
-        "budget": {"tasks": {k: asdict(v) for k, v in tasks.items()}, **asdict(budget), "learning_rates": lrs,
+        "budget": {"tasks": {k: {**asdict(v), "data_dir": _shown(v.data_dir)} for k, v in tasks.items()}, **asdict(budget), "learning_rates": lrs,
                    "seeds": seeds, "selection_size": a.select_size if search else None},
         "search": search,
         "table": table,

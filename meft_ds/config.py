@@ -18,6 +18,9 @@ BACKWARD_MODES = ("reversible", "vanilla")
 STREAM_ARITHMETICS = ("exact", "float")
 ADAPTER_INITS = ("normal", "zero_up")
 STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Exact arithmetic range: |value| < 2^(61 - frac_bits) (coupling.QUANTISED_LIMIT); 2^(61-45) = 65536 > 65504,
+# float16's largest value. Below 8 fractional bits the streams would round F and G outputs too coarsely.
+MIN_FRAC_BITS, MAX_FRAC_BITS = 8, 45
 
 
 @dataclass
@@ -63,7 +66,9 @@ class MEFTConfig:
                   "any depth (lam and beta must be 1/m, m an integer); float: the paper's arithmetic."},
     )
     frac_bits: int = field(
-        default=32, metadata={"help": "Fractional bits of the exact fixed-point streams (|hidden| < 2^(62-frac_bits))."}
+        default=32, metadata={"help": "Fractional bits of the exact fixed-point streams: resolution 2^-frac_bits, "
+                              "range |value| < 2^(61-frac_bits); a value outside it makes the stream NaN. "
+                              f"At most {MAX_FRAC_BITS}, so that every float16 value fits."}
     )
     split_layer_recompute: bool = field(
         default=True,
@@ -113,8 +118,11 @@ class MEFTConfig:
             raise ValueError(
                 f"MEFTConfig.stream_arithmetic={self.stream_arithmetic!r} is unknown; use one of {STREAM_ARITHMETICS}."
             )
-        if not isinstance(self.frac_bits, int) or not (8 <= self.frac_bits <= 48):
-            raise ValueError(f"MEFTConfig.frac_bits={self.frac_bits!r} must be an integer in [8, 48] (e.g. 32).")
+        if not isinstance(self.frac_bits, int) or not (MIN_FRAC_BITS <= self.frac_bits <= MAX_FRAC_BITS):
+            raise ValueError(
+                f"MEFTConfig.frac_bits={self.frac_bits!r} must be an integer in [{MIN_FRAC_BITS}, {MAX_FRAC_BITS}] "
+                f"(e.g. 32): the streams hold |value| < 2^(61-frac_bits), and above {MAX_FRAC_BITS} that range "
+                "would not hold every float16 value (65504).")
         if self.stream_arithmetic == "exact":
             for name in ("lam", "beta"):
                 value = getattr(self, name)

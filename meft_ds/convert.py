@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 from torch import nn
@@ -79,7 +80,9 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
     Every layer list of the model (BART: encoder and decoder, each on its own) becomes one MEFTStack:
     its lowest `num_frozen_layers` layers stay original and run without gradient, the next
     `num_reversible_layers` become reversible MEFT layers and the rest cached MEFT layers.
-    Afterwards only adapters, the stream mix and the task head require grad.
+    Afterwards only adapters, the stream mix and the task head require grad, and the model's
+    save_pretrained writes the adapter directory (meft_ds.adapter_io) while its gradient-checkpointing
+    switches act on the cached MEFT layers (`set_checkpointing`).
 
     Raises ValueError for an unsupported model_type (listing the supported ones), a model converted
     twice, or layer counts that do not fit the model.
@@ -134,6 +137,55 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
         if isinstance(head, nn.Module):
             head.requires_grad_(True)
     model.meft_config = config
+    _install_hf_methods(model)
+    return model
+
+
+def _install_hf_methods(model: nn.Module) -> None:
+    """Replace, on this model only, the transformers methods that would do the wrong thing after conversion.
+
+    save_pretrained: the inherited one writes a full state dict with meft_layers.* names that no
+    from_pretrained reads back (it reloads the bare base model with warnings only); this one writes the
+    adapter directory (adapter_io.save_adapter). activation/gradient_checkpointing_enable: the inherited
+    one reaches no MEFT layer and adds an input-require-grads hook that costs memory; this one
+    checkpoints the cached MEFT layers (`set_checkpointing`). Plain functools.partial attributes, so the
+    model's class, pickling and deepcopy are unchanged.
+    """
+    from .adapter_io import save_adapter
+
+    model.save_pretrained = functools.partial(save_adapter, model)
+    for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        setattr(model, name, functools.partial(_checkpointing_enable, model))
+    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        setattr(model, name, functools.partial(set_checkpointing, model, False))
+
+
+def _checkpointing_enable(model: nn.Module, gradient_checkpointing_kwargs: dict | None = None,
+                          activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1,
+                          offload: bool = False) -> None:
+    options = dict(gradient_checkpointing_kwargs or activation_checkpointing_kwargs or {})
+    if options.pop("use_reentrant", False) or options or every_n_layers != 1 or offload:
+        raise ValueError("MEFT models checkpoint their cached layers with torch's non-reentrant checkpoint only; "
+                         f"drop use_reentrant=True, every_n_layers, offload and other options (got {options}).")
+    set_checkpointing(model, True)
+
+
+def set_checkpointing(model: nn.Module, enabled: bool) -> nn.Module:
+    """Gradient checkpointing of the MEFT layers that use cached backprop (those above num_reversible_layers).
+
+    Reversible layers keep no activations, and frozen layers run without gradient, so they have nothing
+    to checkpoint. transformers.Trainer(args=TrainingArguments(gradient_checkpointing=True)) calls this.
+    Raises ValueError when every MEFT layer is reversible: checkpointing would change nothing.
+    """
+    stacks = [m for m in model.modules() if isinstance(m, MEFTStack)]
+    if not stacks:
+        raise ValueError("set_checkpointing needs a model converted by make_reversible; this one has no MEFT stack.")
+    if enabled and all(stack.num_reversible == len(stack.meft_layers) for stack in stacks):
+        raise ValueError("gradient checkpointing has nothing to do: every MEFT layer is reversible and keeps no "
+                         "activations; turn it off, or set MEFTConfig.num_reversible_layers below the layer count "
+                         "to checkpoint the cached layers above.")
+    for stack in stacks:
+        stack.checkpoint_cached = enabled
     return model
 
 

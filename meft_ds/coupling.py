@@ -14,6 +14,15 @@ autograd in cached mode); `state` is what the arithmetic really keeps (None for 
   follow the same equations (5)-(7) as the float arithmetic with factor = 1/m. Reconstruction is
   bit-exact as long as the recomputed F and G are bit-identical to the forward's; a checksum of each
   layer's input streams, taken in forward and verified in backward, turns any difference into an error.
+
+Non-finite and out-of-range values (ExactCoupling): an int64 has no NaN, and a value beyond the fixed-point
+range would wrap modulo 2^64 while the inverse stayed exact -- a finite wrong stream that no loss scaler
+sees. So every quantisation checks its input's range with one min/max reduction (NaN compares false),
+every sum that can grow a stream (factor 1) checks the result's range, and a failed check turns the whole
+stream value into NaN, which then flows into F, G, the loss and every gradient as it does in the float
+arithmetic (and in the vanilla backward): DeepSpeed's overflow check sees it and skips the step. The
+invariant kept: |state| < 2^62 for every stream, |quantised block output| < 2^61, so no add can wrap.
+No check synchronises with the host.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import torch
 class Stream(NamedTuple):
     value: torch.Tensor | None  # None: not decoded yet (exact arithmetic, backward only); see value_of
     state: torch.Tensor | None
+    # Exact arithmetic, undecoded value only: the 0-dim poison flag (NaN or 0) value_of adds to the value.
+    poison: torch.Tensor | None = None
 
 
 def _remainder_bits(m: int) -> int:
@@ -85,8 +96,32 @@ class FloatCoupling:
     def from_saved(self, saved: torch.Tensor) -> Stream:
         return Stream(saved, None)
 
-    def checksum(self, stream: Stream) -> torch.Tensor | None:
+    def checksum(self, stream: Stream, key: int) -> torch.Tensor | None:
         return None  # float reconstruction is approximate by design: nothing to verify bit-exactly
+
+
+# Quantised block outputs stay below QUANTISED_LIMIT and stream states below STATE_LIMIT (in magnitude):
+# floor(x / m) + q then never wraps, and for m >= 2 stays below STATE_LIMIT without a check.
+QUANTISED_LIMIT = 2 ** 61
+STATE_LIMIT = 2 ** 62
+
+
+def representable_magnitude(frac_bits: int) -> float:
+    """Largest |value| the exact arithmetic quantises with `frac_bits` fractional bits (exclusive)."""
+    return float(2 ** (61 - frac_bits))
+
+
+def _nan_unless(ok: torch.Tensor) -> torch.Tensor:
+    """0-dim: 0.0 where `ok`, NaN where not (added to a stream value, it poisons all of it)."""
+    return torch.where(ok, 0.0, float("nan"))
+
+
+def _within(tensor: torch.Tensor, limit: float) -> torch.Tensor:
+    """0-dim bool, no host sync: every element finite and |element| < limit. One aminmax pass."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor)
+    return (high < limit) & (low > -limit)  # False for NaN (comparisons with NaN are false) and +-Inf
 
 
 class ExactCoupling:
@@ -101,14 +136,18 @@ class ExactCoupling:
     def divisor(factor: float) -> int:
         return int(round(1.0 / factor))
 
-    def quantise(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.round(values.double() * self.scale).to(torch.int64)
+    def quantise(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed-point values and a 0-dim poison flag (NaN if any value is non-finite or out of range, else 0)."""
+        scaled = values.double() * self.scale
+        ok = _within(scaled, QUANTISED_LIMIT)  # on the scaled copy: no extra read of `values`
+        return torch.round(scaled).to(torch.int64), _nan_unless(ok)
 
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         return (state.double() / self.scale).to(self.value_dtype)
 
-    def _stream(self, state: torch.Tensor, carrier: torch.Tensor | None) -> Stream:
+    def _stream(self, state: torch.Tensor, carrier: torch.Tensor | None, poison: torch.Tensor) -> Stream:
         value = self.decode(state)
+        value.add_(poison)  # all NaN when a check failed: the stream is wrong, so it must not look finite
         if carrier is not None and carrier.requires_grad:
             # Straight-through: the value is exactly decode(state), the gradient flows to the carrier.
             value = value + (carrier - carrier.detach())
@@ -116,13 +155,18 @@ class ExactCoupling:
 
     def encode(self, hidden: torch.Tensor) -> Stream:
         hidden = hidden.to(self.value_dtype)
-        return self._stream(self.quantise(hidden), hidden)
+        state, poison = self.quantise(hidden)
+        return self._stream(state, hidden, poison)
 
     def combine(self, x: Stream, block_out: torch.Tensor, factor: float):
         m = self.divisor(factor)
-        quantised = self.quantise(block_out)
+        quantised, poison = self.quantise(block_out)
+        # A poisoned input stream stays poisoned (its value is all NaN, so one element tells): F or G may
+        # not read it, and its integer state alone carries no flag.
+        poison = poison + 0.0 * x.value.detach()[(0,) * x.value.dim()]
         if m == 1:
             state, side = x.state + quantised, None
+            poison = poison + _nan_unless(_within(state, STATE_LIMIT))  # a sum of factor 1 can grow past the range
         elif m & (m - 1) == 0:  # a power of two: floor division is an arithmetic shift
             shift = m.bit_length() - 1
             state = (x.state >> shift) + quantised
@@ -131,7 +175,7 @@ class ExactCoupling:
             state = torch.div(x.state, m, rounding_mode="floor") + quantised
             side = self._store_remainders(torch.remainder(x.state, m), m)
         carrier = factor * x.value + block_out if torch.is_grad_enabled() else None
-        return self._stream(state, carrier), side
+        return self._stream(state, carrier, poison), side
 
     @staticmethod
     def _store_remainders(remainders: torch.Tensor, m: int) -> torch.Tensor:
@@ -151,16 +195,23 @@ class ExactCoupling:
         The value is left undecoded (value_of decodes it when a block needs it).
         """
         m = self.divisor(factor)
-        state = y.state.sub_(self.quantise(block_out))
+        quantised, poison = self.quantise(block_out)
+        state = y.state.sub_(quantised)
+        del quantised
         if m != 1:
             state.mul_(m).add_(self._load_remainders(side, m, state))
-        return Stream(None, state)
+        # Poisoned when the recomputed block output was not finite or out of range (the forward's was not, or
+        # backward would not check): the checksum then fails, and the error can say why (value_of).
+        return Stream(None, state, poison)
 
     def value_of(self, stream: Stream) -> torch.Tensor:
-        return self.decode(stream.state) if stream.value is None else stream.value
+        if stream.value is not None:
+            return stream.value
+        value = self.decode(stream.state)
+        return value if stream.poison is None else value.add_(stream.poison)
 
     def state_only(self, stream: Stream) -> Stream:
-        return Stream(None, stream.state)  # the value can be decoded again: let it be freed
+        return Stream(None, stream.state, stream.poison)  # the value can be decoded again: let it be freed
 
     def to_saved(self, stream: Stream) -> torch.Tensor:
         return stream.state
@@ -168,8 +219,33 @@ class ExactCoupling:
     def from_saved(self, saved: torch.Tensor) -> Stream:
         return Stream(None, saved)
 
-    def checksum(self, stream: Stream) -> torch.Tensor:
-        """Two int64 sums (plain and position-weighted, wrapping on overflow): any changed element shows."""
+    def checksum(self, stream: Stream, key: int) -> torch.Tensor:
+        """Two int64 words: a keyed hash of the state, sum_i w_i * state_i (mod 2^64) per word.
+
+        The weight of element (row j, column c) of the state laid out in rows of CHECKSUM_ROW is
+        w = a_c * b_j, with odd a, b drawn (splitmix64) from `key`, which changes every step and layer. Odd
+        weights make any single changed element show with certainty; structured changes (e.g. +1, -2, +1 on
+        adjacent elements, or two elements swapped) cancel only if random weights happen to line up
+        (about 2^-64 per word). Cost: one multiply and one sum over the state, plus row-sized work.
+        """
         flat = stream.state.reshape(-1)
-        weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 8191 + 1
-        return torch.stack([flat.sum(), (flat * weights).sum()])
+        rows, tail = divmod(flat.numel(), CHECKSUM_ROW)
+        a = _odd_words(key, CHECKSUM_ROW, flat.device)
+        row_sums = (flat[: rows * CHECKSUM_ROW].view(rows, CHECKSUM_ROW) * a).sum(dim=1)
+        if tail:
+            row_sums = torch.cat([row_sums, (flat[rows * CHECKSUM_ROW:] * a[:tail]).sum().view(1)])
+        b = _odd_words(key + 1, 2 * row_sums.numel(), flat.device).view(2, -1)
+        return (b * row_sums).sum(dim=1)
+
+
+# Row length of the checksum's weight table (coupling.ExactCoupling.checksum).
+CHECKSUM_ROW = 1024
+_GOLDEN, _MIX1, _MIX2 = (c - 2 ** 64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _odd_words(key: int, count: int, device) -> torch.Tensor:
+    """`count` pseudo-random odd int64 words from `key` (splitmix64 finaliser on the device; int64 wraps)."""
+    z = (torch.arange(count, device=device, dtype=torch.int64) + (key % 2 ** 62)) * _GOLDEN
+    z = (z ^ (z >> 30)) * _MIX1
+    z = (z ^ (z >> 27)) * _MIX2
+    return (z ^ (z >> 31)) | 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -402,8 +403,8 @@ def _convert_user_labels(ds: datasets.Dataset, spec: TaskSpec, split: str, path:
     def to_label(value, row):
         if spec.is_regression:
             number = _as_number(value)
-            if number is None:
-                raise ValueError(f"{split} file {path}, row {row}: label {value!r} is not a number (regression)")
+            if number is None or not math.isfinite(number):
+                raise ValueError(f"{split} file {path}, row {row}: label {value!r} is not a finite number (regression)")
             return float(number)
         if isinstance(value, str) and value.strip() in name_to_id:
             return name_to_id[value.strip()]
@@ -528,7 +529,16 @@ def load_task_datasets(
              for split, name in layout.files.items()}
         )
     else:
-        hub = datasets.load_dataset(HUB_GLUE_DATASET, spec.task_name, cache_dir=cache_dir)
+        try:
+            hub = datasets.load_dataset(HUB_GLUE_DATASET, spec.task_name, cache_dir=cache_dir)
+        except OSError as error:  # ConnectionError offline (HF_HUB_OFFLINE=1 too), requests' network errors
+            if isinstance(error, FileNotFoundError):
+                raise
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(
+                f"task {spec.task_name!r} alone means the GLUE data from the hub ({HUB_GLUE_DATASET}), which could "
+                f"not be fetched ({first_line}); offline, pass --data_dir with the task's GLUE TSV files "
+                "(or --train_file).") from None
         dsdict = datasets.DatasetDict({split: hub[split] for split in ("train", *spec.eval_splits)})
     validate_dataset(dsdict, spec)
     return dsdict, spec

@@ -6,7 +6,8 @@ Classification `predictions` may be logits / probabilities of shape (N, num_labe
 argmax-ed, or predicted class ids of shape (N,). Regression predictions are scores of shape (N,) or
 (N, 1). Causal-LM predictions are logits (N, T, V) with the unshifted labels (N, T) that
 `tokenize_dataset` produced (-100 = not scored); for evaluation over many batches accumulate
-`lm_loss_sums` per batch and call `lm_metrics` once, which is what `compute_metrics` does for one batch.
+`lm_loss_sums` per batch (on the device) and call `lm_metrics` once, which is what `compute_metrics` does
+for one batch.
 
 Conventions (those of scikit-learn / scipy, so numbers compare with published GLUE results):
 * f1 is the binary F1 of class 1 (MRPC "equivalent", QQP "duplicate"); 0 when it has no true or
@@ -15,6 +16,7 @@ Conventions (those of scikit-learn / scipy, so numbers compare with published GL
 * pearson / spearmanr are NaN when predictions or labels are constant (correlation is undefined);
   spearmanr ranks ties by their average rank.
 * When a task has several metrics `combined_score` is their mean (the usual model-selection number).
+* `constant_predictions: True` is added when every prediction is the same (a collapsed model).
 """
 
 from __future__ import annotations
@@ -81,25 +83,35 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(_average_ranks(np.asarray(x, dtype=np.float64)), _average_ranks(np.asarray(y, dtype=np.float64)))
 
 
-def lm_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """(sum of token cross-entropies, number of scored tokens) for next-token prediction.
+def lm_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[sum of token cross-entropies, number of scored tokens, number predicted right] for next-token
+    prediction, as a float64 tensor of 3 on the logits' device (sum it over batches there; read it once).
 
     Position t's logits predict labels[t + 1] (the shift HF causal-LM models apply); labels equal to
-    -100 (prompt, padding) are not scored.
+    -100 (prompt, padding) are not scored. Only the scored positions' logits are upcast to fp32, so a
+    batch of 16-bit full-vocabulary logits costs no fp32 copy of itself; nothing moves to the CPU.
     """
-    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
-    shifted_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    logits = torch.as_tensor(logits)
+    labels = torch.as_tensor(labels).to(logits.device)
     shifted_labels = labels[:, 1:].reshape(-1).long()
-    loss_sum = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=LABEL_PAD_ID, reduction="sum")
-    return float(loss_sum), int((shifted_labels != LABEL_PAD_ID).sum())
+    scored = shifted_labels != LABEL_PAD_ID
+    scored_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])[scored].float()
+    targets = shifted_labels[scored]
+    loss_sum = F.cross_entropy(scored_logits, targets, reduction="sum")
+    correct = (scored_logits.argmax(dim=-1) == targets).sum()
+    return torch.stack([loss_sum.double(), scored.sum().double(), correct.double()])
 
 
-def lm_metrics(loss_sum: float, num_tokens: int) -> dict[str, float]:
-    """Mean token loss and perplexity = exp(loss) from sums accumulated over batches (and ranks)."""
+def lm_metrics(loss_sum: float, num_tokens: int, num_correct: int | None = None) -> dict[str, float]:
+    """Mean token loss, perplexity = exp(loss) and (given num_correct) token accuracy from sums
+    accumulated over batches (and ranks)."""
     if num_tokens <= 0:
         raise ValueError("no scored tokens: every label is -100, so loss and perplexity are undefined")
     loss = loss_sum / num_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "num_tokens": num_tokens}
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "num_tokens": num_tokens}
+    if num_correct is not None:
+        metrics["token_accuracy"] = num_correct / num_tokens
+    return metrics
 
 
 def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
@@ -110,7 +122,8 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
     Raises ValueError when shapes disagree or a metric name is unknown.
     """
     if spec.is_causal_lm:
-        return lm_metrics(*lm_loss_sums(predictions, labels))
+        loss_sum, num_tokens, num_correct = lm_loss_sums(predictions, labels).tolist()
+        return lm_metrics(loss_sum, int(num_tokens), int(num_correct))
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if spec.is_regression:
         if predictions.ndim == 2 and predictions.shape[1] == 1:
@@ -133,4 +146,8 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
     results = {name: functions[name](predictions, labels) for name in spec.metrics}
     if len(results) > 1:
         results["combined_score"] = float(np.mean(list(results.values())))
+    if len(predictions) > 1 and np.all(predictions == predictions[0]):
+        # A collapsed model (one class for every example, or one score: pearson is NaN) must not pass for
+        # a bad-but-working one: the flag goes into results.json and the trainer warns.
+        results["constant_predictions"] = True
     return results

@@ -24,6 +24,7 @@ import contextlib
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -70,6 +71,11 @@ def _restored_autocast(states: list[tuple[str, bool, torch.dtype]]):
         for device_type, enabled, dtype in states:
             stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
         yield
+
+
+def _checksum_key(seeds) -> int:
+    """A layer's checksum key: its F dropout seed, drawn afresh every forward (so it changes every step)."""
+    return seeds[0]
 
 
 class ReconstructionError(RuntimeError):
@@ -179,9 +185,12 @@ class MEFTLayer(nn.Module):
 class _StackRun:
     """What one forward of the reversible part needs again in backward (no tensors: those are saved)."""
 
-    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index, report=None):
+    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index, report=None,
+                 after_layer_backward=None):
         self.layers, self.seeds, self.compute_dtype, self.rebuild = layers, seeds, compute_dtype, rebuild
         self.coupling, self.first_index = coupling, first_index
+        # Called with each layer once backward is done with it (MEFTStack.after_layer_backward).
+        self.after_layer_backward = after_layer_backward
         # When set, a callable(error: float): the forward keeps every layer's input streams (visible to
         # saved-tensor hooks, like cached backprop) and backward reports the largest relative error of
         # the rebuilt ones. A diagnostic for sampled steps, not for every step.
@@ -210,7 +219,8 @@ class ReversibleFunction(torch.autograd.Function):
         sides, checksums, kept = [], [], []
         for layer, seeds in zip(run.layers, run.seeds):
             if coupling.needs_side_buffers:
-                checksums.append(torch.stack([coupling.checksum(x1), coupling.checksum(x2)]))
+                key = _checksum_key(seeds)
+                checksums.append(torch.stack([coupling.checksum(x1, key), coupling.checksum(x2, key)]))
             if run.report is not None:
                 kept.append(torch.stack([x1.value, x2.value]))
             (x1, x2), layer_sides = layer(x1, x2, inputs, seeds, run.compute_dtype)
@@ -222,6 +232,10 @@ class ReversibleFunction(torch.autograd.Function):
         ctx.side_present = [side is not None for side in sides]
         ctx.num_inputs = len(input_tensors)
         ctx.num_checksums = len(checksums)
+        if checksums:
+            # A stream poisoned by a non-finite or out-of-range value (coupling.py) is NaN everywhere: one
+            # element of each top stream tells backward whether the forward was poisoned.
+            checksums.append(torch.stack([x.value.detach()[(0,) * x.value.dim()] for x in (x1, x2)]))
         ctx.save_for_backward(coupling.to_saved(x1), coupling.to_saved(x2), *input_tensors,
                               *[side for side in sides if side is not None], *checksums, *kept)
         if coupling.needs_side_buffers:
@@ -242,9 +256,15 @@ class ReversibleFunction(torch.autograd.Function):
         rest = iter(saved[2 + ctx.num_inputs:])
         sides = [next(rest) if present else None for present in ctx.side_present]
         checksums = [next(rest) for _ in range(ctx.num_checksums)]
+        if checksums:
+            # Poisoned forward: the loss and these gradients are NaN already (as in vanilla mode) and the
+            # integer states hold no meaningful values, so there is no reconstruction to verify.
+            if not torch.isfinite(next(rest)).all():
+                checksums = []
         kept = list(rest)
         del saved
-        worst = torch.zeros((), dtype=torch.float64, device=dx1.device)
+        device = dx1.device
+        worst = torch.zeros((), dtype=torch.float64, device=device)
         leaves = [t.detach().requires_grad_(True) if need else t.detach()
                   for t, need in zip(input_tensors, ctx.needs_input_grad[3:])]
         inputs = run.rebuild(leaves)
@@ -253,23 +273,37 @@ class ReversibleFunction(torch.autograd.Function):
         carry = [out1, out2, dx1, dx2]
         del out1, out2, dx1, dx2
         with _restored_autocast(ctx.autocast):
+            now = _autocast_state(device.type)
+            if checksums and now != ctx.autocast:
+                # With bf16 weights the recomputed values can still match bit for bit while the backward of F
+                # and G runs in other dtypes (gradients off by ~0.4%): the checksum alone would not see it.
+                raise ReconstructionError(
+                    f"MEFT layer {run.first_index + len(run.layers) - 1}: backward runs under autocast {now}, the "
+                    f"forward ran under {ctx.autocast}; the recomputation would not be the forward's. This backward "
+                    "was aborted: zero the gradients and do not step the optimizer.")
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
                 carry = list(layer.backward_step(carry, sides[2 * i: 2 * i + 2], inputs, seeds, run.compute_dtype))
+                if run.after_layer_backward is not None:
+                    run.after_layer_backward(layer)
                 out1, out2 = carry[0], carry[1]
                 if kept:
                     rebuilt = torch.stack([coupling.value_of(out1), coupling.value_of(out2)]).double()
                     error = (rebuilt - kept[i]).norm() / kept[i].double().norm().clamp_min(1e-30)
                     worst = torch.maximum(worst, error)
                 if checksums:
-                    rebuilt = torch.stack([coupling.checksum(out1), coupling.checksum(out2)])
+                    key = _checksum_key(seeds)
+                    rebuilt = torch.stack([coupling.checksum(out1, key), coupling.checksum(out2, key)])
                     if not torch.equal(rebuilt, checksums[i]):
+                        first = [coupling.value_of(x)[(0,) * x.state.dim()] for x in (out1, out2)]
+                        cause = ("the recomputed F or G output was not finite or out of range"
+                                 if not torch.isfinite(torch.stack(first)).all() else
+                                 "the recomputation of F or G was not bit-identical to the forward (RNG, autocast, "
+                                 "math backend or batch shape changed between forward and backward?)")
                         raise ReconstructionError(
                             f"MEFT layer {run.first_index + i}: the input streams rebuilt in backward differ from "
-                            "the forward's (checksum mismatch), so the recomputation of F or G was not "
-                            "bit-identical to the forward (RNG, autocast, math backend or batch shape changed "
-                            "between forward and backward?). This backward was aborted: gradients of the layers above are "
-                            "incomplete, so zero them and do not step the optimizer."
+                            f"the forward's (checksum mismatch): {cause}. This backward was aborted: gradients of "
+                            "the layers above are incomplete, so zero them and do not step the optimizer."
                         )
                 del out1, out2
         dx1, dx2 = carry[2], carry[3]
@@ -323,6 +357,13 @@ class MEFTStack(nn.Module):
         # last_reconstruction_error: the largest relative error of the layer inputs rebuilt in backward.
         self.measure_reconstruction = False
         self.last_reconstruction_error: float | None = None
+        # Optional callable(layer), run in the reversible backward once a layer's recomputation and gradients
+        # are done: a partitioning runtime releases the weights it gathered for that recomputation
+        # (meft_ds.training.modeling.release_weights_after_recompute, ZeRO-3).
+        self.after_layer_backward = None
+        # Gradient checkpointing of the layers that use cached backprop (above num_reversible): their
+        # activations are recomputed in backward instead of kept; the reversible ones keep none anyway.
+        self.checkpoint_cached = False
 
     def _report_reconstruction(self, error: float) -> None:
         self.last_reconstruction_error = error
@@ -355,7 +396,8 @@ class MEFTStack(nn.Module):
             split = _Inputs(inputs)
             run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,
                             self.coupling, first_index=len(self.frozen_layers),
-                            report=self._report_reconstruction if self.measure_reconstruction else None)
+                            report=self._report_reconstruction if self.measure_reconstruction else None,
+                            after_layer_backward=self.after_layer_backward)
             outputs = ReversibleFunction.apply(run, h, h, *split.tensors)
             states = outputs[2:] if len(outputs) == 4 else (None, None)
             x1, x2 = Stream(outputs[0], states[0]), Stream(outputs[1], states[1])
@@ -364,6 +406,12 @@ class MEFTStack(nn.Module):
             x1 = x2 = self.coupling.encode(h)
             rest = zip(self.meft_layers, seeds)
         for layer, layer_seeds in rest:
-            (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype)
+            if differentiable and self.checkpoint_cached:
+                # Non-reentrant: it needs no input that requires grad (the stack input may not) and keeps
+                # only the layer's inputs; dropout repeats from the layer's seeds.
+                (x1, x2), _ = torch.utils.checkpoint.checkpoint(layer, x1, x2, inputs, layer_seeds, compute_dtype,
+                                                                use_reentrant=False)
+            else:
+                (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype)
         main, other = (x1.value, x2.value) if self.main_stream == 0 else (x2.value, x1.value)
         return (main + self.mix.to(main.dtype) * other).to(hidden_states.dtype)

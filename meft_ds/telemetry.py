@@ -82,10 +82,12 @@ def _unique_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def param_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters on this rank, frozen ones included (ZeRO-3: this rank's shards)."""
+def param_bytes(model: torch.nn.Module, trainable: bool | None = None) -> int:
+    """Bytes of the model's parameters on this rank (ZeRO-3: this rank's shards): all of them, or only the
+    trainable (True) or frozen (False) ones."""
     # ZeRO-3 keeps a parameter's local shard in `ds_tensor` and leaves the parameter itself empty.
-    return _unique_bytes(getattr(p, "ds_tensor", p) for p in model.parameters())
+    return _unique_bytes(getattr(p, "ds_tensor", p) for p in model.parameters()
+                         if trainable is None or p.requires_grad == trainable)
 
 
 def grad_bytes(model: torch.nn.Module, optimizer=None) -> int:

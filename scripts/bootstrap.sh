@@ -10,6 +10,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEFT_VENV:-$ROOT/.venv}"
 TORCH_REQ="${MEFT_TORCH:-torch==2.13.0}"
 STAMP="$VENV/.meft_ds_installed"
+# pdsh (a system package): deepspeed's default multi-node runner, run by tests/test_multihost.py. Installed
+# when missing and this runs as root with apt-get; elsewhere that test skips it (and fails under CI).
+if ! command -v pdsh >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  apt-get install -y -q pdsh >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q pdsh >/dev/null 2>&1; } \
+    || echo "warning: could not install pdsh with apt-get; the deepspeed pdsh multi-host test will not run" >&2
+fi
 if [[ -f "$STAMP" && "$STAMP" -nt "$ROOT/setup.cfg" ]]; then
   exit 0
 fi

@@ -6,6 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 export HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
-# DeepSpeed compiles its CPU communication op once per machine; keep that cache out of the repo.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/meft_ds/torch_extensions}"
+# DeepSpeed compiles its CPU ops once per environment: the cache lives in the venv, so two environments
+# on one machine never rebuild each other's ops (the build uses -march=native: never share it across machines).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${MEFT_VENV:-$ROOT/.venv}/torch_extensions}"
 exec "${MEFT_VENV:-$ROOT/.venv}/bin/python" -m pytest -q "$@"

@@ -12,6 +12,6 @@ bash "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 VENV="${MEFT_VENV:-$ROOT/.venv}"
 export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/meft_ds/torch_extensions}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${MEFT_VENV:-$ROOT/.venv}/torch_extensions}"
 exec deepspeed --num_gpus 2 launch/train.py --deepspeed cpu --bf16 --learning_rate 3e-3 --warmup_ratio 0.1 \
     --output_dir output/sst2-meft --overwrite_output_dir "$@"

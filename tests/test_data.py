@@ -342,6 +342,16 @@ def test_hub_loading_call_and_test_splits_dropped(monkeypatch):
     assert spec.eval_splits == ("validation_matched", "validation_mismatched")
 
 
+def test_hub_task_offline_is_one_line_naming_data_dir(monkeypatch):
+    def offline(path, name=None, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match="could not be fetched .*OfflineModeIsEnabled.*pass --data_dir") as error:
+        load_task_datasets("rte")
+    assert "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------ user files
 
 
@@ -440,6 +450,10 @@ def test_error_user_labels(tmp_path):
     train.write_text("sentence,label\na,1\nb,\n")
     with pytest.raises(ValueError, match="row 1 has no label"):
         load_task_datasets(train_file=str(train), cache_dir=str(tmp_path))
+    for bad in ("nan", "inf"):
+        train.write_text(f"sentence1,sentence2,label\na,b,1.5\nc,d,{bad}\n")
+        with pytest.raises(ValueError, match=f"row 1: label '{bad}' is not a finite number"):
+            load_task_datasets("stsb", train_file=str(train), cache_dir=str(tmp_path))
     train.write_text("review,label\na,1\nb,0\n")
     with pytest.raises(ValueError, match=r"no text column found among \['review', 'label'\]"):
         load_task_datasets(train_file=str(train), cache_dir=str(tmp_path))

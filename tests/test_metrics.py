@@ -86,6 +86,15 @@ def test_compute_metrics_per_task():
     assert compute_metrics(GLUE_TASKS["mnli"], mnli_logits, np.array([1, 0, 0])) == {"accuracy": 2 / 3}
 
 
+def test_constant_predictions_are_flagged():
+    """A collapsed model says so instead of a bare NaN (regression) or a plausible accuracy (one class)."""
+    stsb = compute_metrics(GLUE_TASKS["stsb"], np.full((4, 1), 2.5), np.array([1.0, 2.0, 4.0, 5.0]))
+    assert math.isnan(stsb["pearson"]) and stsb["constant_predictions"] is True
+    sst2 = compute_metrics(GLUE_TASKS["sst2"], np.ones(8, int), LABELS)
+    assert sst2 == {"accuracy": 0.5, "constant_predictions": True}
+    assert "constant_predictions" not in compute_metrics(GLUE_TASKS["sst2"], PREDICTED, LABELS)
+
+
 def test_compute_metrics_shape_mismatch():
     with pytest.raises(ValueError, match="do not match labels"):
         compute_metrics(GLUE_TASKS["sst2"], np.zeros((3, 2)), np.zeros(4, int))
@@ -107,9 +116,21 @@ def test_lm_loss_is_shifted_and_masked():
     # Two classes; position 0 predicts token 1 with p = 3/4, position 1 predicts token 0 with p = 1/2.
     logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [5.0, -5.0]]])
     labels = torch.tensor([[-100, 1, 0]])
-    loss_sum, count = lm_loss_sums(logits, labels)
+    loss_sum, count, _ = lm_loss_sums(logits, labels).tolist()
     assert count == 2
     assert loss_sum == pytest.approx(-math.log(0.75) - math.log(0.5))
     assert lm_metrics(loss_sum, count)["perplexity"] == pytest.approx(math.exp(loss_sum / 2))
     with pytest.raises(ValueError, match="no scored tokens"):
         lm_metrics(0.0, 0)
+
+
+def test_lm_token_accuracy_from_16_bit_logits():
+    """Token accuracy counts scored positions whose argmax is the next token; bf16 logits are reduced
+    without a full fp32 copy and give the fp32 result up to bf16 rounding of the logits."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [9.0, 0.0, 0.0]]])
+    labels = torch.tensor([[-100, 0, 2, 2]])  # position 0 predicts 0 (right), 1 predicts 1 (wrong), 2 predicts 2 (right)
+    sums = lm_loss_sums(logits, labels)
+    assert sums.dtype == torch.float64 and sums[1:].tolist() == [3, 2]
+    metrics = lm_metrics(*sums.tolist())
+    assert metrics["token_accuracy"] == pytest.approx(2 / 3)
+    assert torch.allclose(lm_loss_sums(logits.bfloat16(), labels), sums, rtol=1e-2)

@@ -42,6 +42,12 @@ def test_bf16_weights_fp32_streams(variant, depth):
         assert rel_err(reversible[name], ref) < 5e-2, name
 
 
+# Largest relative gradient error vs vanilla on this 3-layer BERT, measured: autocast restored 3.4e-5
+# (MEFT1) and 1.2e-2 (MEFT3); recomputation outside autocast 1.5e-2 (MEFT1) and 2.2 (MEFT3). Each bound
+# sits between the two, so the test fails when the restore is removed.
+AUTOCAST_TOLERANCE = {"meft1": 1e-3, "meft3": 1e-1}
+
+
 @pytest.mark.parametrize("variant", ["meft1", "meft3"])
 def test_autocast_is_restored_in_backward(variant):
     """Forward under CPU bf16 autocast: the recomputation must run under autocast too.
@@ -57,7 +63,7 @@ def test_autocast_is_restored_in_backward(variant):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, grads[mode] = embedding_grad_step(model, batch, mode)
     for name, ref in grads["vanilla"].items():
-        assert rel_err(grads["reversible"][name], ref) < 5e-2, name
+        assert rel_err(grads["reversible"][name], ref) < AUTOCAST_TOLERANCE[variant], name
     # and under autocast the stream mix, adapters and streams stay float32
     stack = next(m for m in model.modules() if isinstance(m, MEFTStack))
     assert stack.stream_dtype == torch.float32

@@ -4,6 +4,7 @@ DeepSpeed; and the launcher's one-line errors for bad input, which leave existin
 from __future__ import annotations
 
 import itertools
+import sys
 import json
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def test_defaults_are_the_offline_model_and_the_sst2_sample():
     ({"max_steps": -1, "num_train_epochs": 0}, "--max_steps"),
     ({"data_dir": "a", "train_file": "b"}, "--data_dir"),
     ({"lm": True}, "--lm"),
+    ({"method": "lora", "num_frozen_layers": 2}, "--num_frozen_layers applies to --method meft only"),
+    ({"method": "full", "num_frozen_layers": 0}, "--num_frozen_layers applies to --method meft only"),
 ])
 def test_invalid_settings_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -168,7 +171,7 @@ def test_adapter_export_round_trip(tmp_path, method):
                 p.add_(torch.randn_like(p) * 0.1)  # stands in for training
     export_adapter(_Engine(trained), recipe, str(tmp_path / "out"), SINGLE_RANK)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "config.json"]
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["method"] == method
     loaded = load_adapter_model(str(tmp_path / "out"))
     fresh = build_model(recipe).eval()
@@ -202,10 +205,13 @@ def test_param_groups_hold_only_trainable_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["nonempty_output_dir", "conflicting_ds_value", "missing_train_file", "fp16_on_cpu"])
+@pytest.mark.parametrize("case", ["nonempty_output_dir", "conflicting_ds_value", "missing_train_file", "fp16_on_cpu",
+                                  "hub_task_offline", "sequence_beyond_positions", "frozen_layers_with_lora"])
 def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, case):
     output = tmp_path / "out"
     flags = ["--output_dir", output]
+    # An empty datasets cache: a hub task is never found there, whatever this machine downloaded before.
+    extra_env = {"HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
     if case == "nonempty_output_dir":
         output.mkdir()
         (output / "results.json").write_text('{"accuracy": 0.9}')
@@ -216,12 +222,22 @@ def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, cas
     elif case == "missing_train_file":
         flags += ["--train_file", tmp_path / "missing.csv"]
         expected = "--train_file"
+    elif case == "hub_task_offline":  # launch_env sets HF_HUB_OFFLINE=1
+        flags += ["--task_name", "rte"]
+        expected = "offline, pass --data_dir"
+    elif case == "sequence_beyond_positions":  # the default MiniLM has 512 positions
+        flags += ["--max_seq_length", "513"]
+        expected = "--max_seq_length 513 exceeds the 512 positions of this bert model"
+    elif case == "frozen_layers_with_lora":
+        flags += ["--method", "lora", "--num_frozen_layers", "2"]
+        expected = "--num_frozen_layers applies to --method meft only"
     else:
-        if torch.cuda.is_available():
-            pytest.skip("fp16 is supported on this machine")
+        if fp16_supported_here():
+            pytest.skip("this machine's accelerator supports fp16, so fp16 is not a bad input here "
+                        "(test_fp16_is_refused_only_where_the_accelerator_lacks_it covers both answers)")
         flags += ["--deepspeed", "zero2_fp16"]
         expected = "fp16 (from"
-    result = run(launcher_command("python", free_port()) + flags, timeout=300)
+    result = run(launcher_command("python", free_port()) + flags, timeout=300, extra_env=extra_env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: " in result.stderr and expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -230,3 +246,28 @@ def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, cas
         assert (output / "results.json").read_text() == '{"accuracy": 0.9}'
     else:
         assert not output.exists()
+
+
+def fp16_supported_here() -> bool:
+    """What DeepSpeed's accelerator answers in the launched runs (DS_ACCELERATOR as launch_env sets it)."""
+    code = "from deepspeed.accelerator import get_accelerator; print(get_accelerator().is_fp16_supported())"
+    result = run([sys.executable, "-c", code], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("supported", [False, True])
+def test_fp16_is_refused_only_where_the_accelerator_lacks_it(monkeypatch, supported):
+    from deepspeed.accelerator import get_accelerator
+
+    from meft_ds.training.trainer import check_precision_supported
+
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: supported)
+    args = RunArgs(model_name_or_path="unused", fp16=True)
+    if supported:
+        check_precision_supported(args, "zero2_fp16")
+    else:
+        with pytest.raises(ValueError, match=r"fp16 \(from zero2_fp16 or --fp16\) is not supported") as error:
+            check_precision_supported(args, "zero2_fp16")
+        assert "\n" not in str(error.value)
+    check_precision_supported(RunArgs(model_name_or_path="unused", bf16=True), "zero2_bf16")  # never asks

@@ -1,8 +1,9 @@
 """Helpers for the training tests: a tiny saved BERT, a tiny SST-2 directory, and launching ranks.
 
 Multi-rank tests run real DeepSpeed engines on CPU over gloo, one thread per rank, each job on its own
-MASTER_PORT. DeepSpeed's CPU communication op compiles once (~70 s) into TORCH_EXTENSIONS_DIR, which is
-fixed per machine (the same default as scripts/test.sh) so every test and every CI run reuses it.
+MASTER_PORT. DeepSpeed's CPU communication op compiles once (~70 s) into TORCH_EXTENSIONS_DIR, by default
+inside the running environment (the same default as scripts/test.sh), so every test reuses it and two
+environments on one machine never rebuild each other's ops.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ SST2_SAMPLE = REPO / "data" / "sst2"
 
 def launch_env() -> dict:
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "meft_ds" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # per environment
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -61,18 +62,19 @@ def write_tiny_sst2(path: Path, train_lines: int, dev_lines: int) -> Path:
     return path
 
 
-def write_preset(path: Path, stage: int, **optimizer_params) -> Path:
-    """The shipped CPU preset with another ZeRO stage (and optimizer parameters) set."""
+def write_preset(path: Path, stage: int, zero: dict | None = None, **optimizer_params) -> Path:
+    """The shipped CPU preset with another ZeRO stage (and zero_optimization / optimizer settings) set."""
     config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
     config["zero_optimization"]["stage"] = stage
+    config["zero_optimization"].update(zero or {})
     config["optimizer"]["params"].update(optimizer_params)
     path.write_text(json.dumps(config))
     return path
 
 
-def run(command: list, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in command], cwd=cwd, env=launch_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run(command: list, timeout: int = 600, cwd: Path = REPO, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in command], cwd=cwd, env=launch_env() | (extra_env or {}),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def launcher_command(launcher: str, port: int) -> list:

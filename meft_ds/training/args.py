@@ -21,6 +21,7 @@ from ..config import BACKWARD_MODES, STREAM_ARITHMETICS, VARIANT_FACTORS, MEFTCo
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "sst2"
 METHODS = ("meft", "full", "lora")
+NONFINITE_POLICIES = ("stop", "skip")
 # Adapters and LoRA train a few new weights from scratch and take a larger step than full fine-tuning.
 DEFAULT_LEARNING_RATE = {"meft": 1e-3, "lora": 5e-4, "full": 5e-5}
 # Used when neither the flag nor the DeepSpeed preset sets the value (preset "auto" or absent).
@@ -89,7 +90,9 @@ class RunArgs:
     # --- optimisation (None = take the DeepSpeed preset's value, else the default in the help)
     per_device_train_batch_size: int | None = field(default=None, metadata=_help(
         "Micro-batch per rank (DeepSpeed train_micro_batch_size_per_gpu). Default: the preset's value, else 16."))
-    per_device_eval_batch_size: int = field(default=64, metadata=_help("Evaluation batch per rank."))
+    per_device_eval_batch_size: int | None = field(default=None, metadata=_help(
+        "Evaluation batch per rank. Default: the training micro-batch (evaluation keeps no activations for "
+        "backward, so what fits in training fits here; a causal LM's logits are batch x length x vocabulary)."))
     gradient_accumulation_steps: int | None = field(default=None, metadata=_help(
         "Micro-batches summed per optimizer step. Default: the preset's value, else 1."))
     learning_rate: float | None = field(default=None, metadata=_help(
@@ -109,6 +112,10 @@ class RunArgs:
     warmup_ratio: float = field(default=0.0, metadata=_help(
         "Share of the steps with linear warm-up; the learning rate then decays linearly to 0."))
     seed: int = field(default=42, metadata=_help("Seed of model init, data order and dropout."))
+    nonfinite: str = field(default="stop", metadata=_help(
+        "A step whose loss or gradient norm is not finite (DeepSpeed skips its update): stop ends the run with "
+        "an error naming the step and rank; skip goes on (and stops after 10 such steps in a row). With fp16 "
+        "the loss scaler's skip is the normal path either way.", choices=NONFINITE_POLICIES))
 
     # --- output, evaluation, checkpoints
     output_dir: str = field(default="output", metadata=_help(
@@ -133,32 +140,50 @@ class RunArgs:
         "Save a resumable DeepSpeed checkpoint every N steps and at the end. Default: no checkpoints "
         "(the adapter export is written either way)."))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help(
-        "A checkpoint-<step> directory to continue from, or 'latest' for the newest complete one in "
-        "--output_dir. Needs the same world size, batch settings and preset as the run that saved it."))
+        "A checkpoint-<step> directory to continue from; 'latest' for the newest one complete on every rank's "
+        "disk in --output_dir; 'auto' for the same, or a fresh start when there is none, so that the same "
+        "command both starts a run and, rerun after a failure, continues it. Needs the same world size, global "
+        "batch, model recipe (method, variant, lam/beta, arithmetic, adapter_dim, layer split), ZeRO stage, "
+        "precision and optimizer as the run that saved it (checked). More steps than it was made for: the "
+        "learning-rate schedule is recomputed for the new count."))
 
     # --- DeepSpeed and launch
     deepspeed: str | None = field(default=None, metadata=_help(
         "DeepSpeed config: a JSON path or a preset name from ds_configs/ (zero2_bf16, cpu, ...). Default: "
         "'cpu' without a GPU, else 'zero2_bf16'."))
     local_rank: int = field(default=-1, metadata=_help("Set by the deepspeed launcher; do not pass it yourself."))
+    ddp_timeout: float = field(default=1800.0, metadata=_help(
+        "Seconds a collective waits for a rank that does not arrive before every waiting rank fails with an "
+        "error (torch.distributed's timeout; Hugging Face's flag and default). A rank that is itself stuck is "
+        "ended by its watchdog once the job's rendezvous store is gone or stops answering for this long."))
     master_port: int = field(default=29500, metadata=_help(
         "Rendezvous port under mpirun or plain python (deepspeed/torchrun set MASTER_PORT themselves)."))
 
     def __post_init__(self):
-        positive = ("adapter_dim", "max_seq_length", "per_device_eval_batch_size", "logging_steps")
-        positive_or_none = ("per_device_train_batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps")
+        positive = ("adapter_dim", "max_seq_length", "logging_steps")
+        positive_or_none = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                            "eval_steps", "save_steps")
         for name in positive + positive_or_none:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name}={value!r} must be a positive integer.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"--nonfinite={self.nonfinite!r} is unknown; use one of {NONFINITE_POLICIES}.")
         if self.method not in METHODS:
             raise ValueError(f"--method={self.method!r} is unknown; use one of {METHODS}.")
+        if not self.ddp_timeout > 0:
+            raise ValueError(f"--ddp_timeout={self.ddp_timeout} must be > 0 seconds.")
         if self.reconstruction_error_steps < 0:
             raise ValueError(f"--reconstruction_error_steps={self.reconstruction_error_steps} must be >= 0 (0 = off).")
         if self.reconstruction_error_steps and (self.method != "meft" or self.backward != "reversible"):
             raise ValueError("--reconstruction_error_steps measures the reversible backward's rebuilt inputs: it needs "
                              f"--method meft --backward reversible (got --method {self.method} --backward "
                              f"{self.backward}).")
+        if self.num_frozen_layers is not None and self.method != "meft":
+            # Refused rather than mapped onto LoRA's layer selection: a silently different meaning per method
+            # would make MEFT-vs-LoRA comparisons wrong without anyone noticing.
+            raise ValueError(f"--num_frozen_layers applies to --method meft only (layers kept frozen below the "
+                             f"reversible stack); --method {self.method} adapts every layer: drop the flag.")
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are both set; pick one precision.")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -196,13 +221,14 @@ class RunArgs:
                 raise FileNotFoundError(f"--{name} {path} does not exist.")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise FileNotFoundError(f"--data_dir {self.data_dir} is not a directory.")
-        if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
+        if (self.resume_from_checkpoint not in (None, "latest", "auto")
+                and not os.path.isdir(self.resume_from_checkpoint)):
             raise FileNotFoundError(f"--resume_from_checkpoint {self.resume_from_checkpoint} is not a directory.")
         if (os.path.isdir(self.output_dir) and os.listdir(self.output_dir)
                 and not self.overwrite_output_dir and self.resume_from_checkpoint is None):
             raise FileExistsError(
                 f"--output_dir {self.output_dir} is not empty. Pass --overwrite_output_dir to write into it, "
-                "--resume_from_checkpoint latest to continue its run, or choose another directory.")
+                "--resume_from_checkpoint latest (or auto) to continue its run, or choose another directory.")
 
     def learning_rate_default(self) -> float:
         return DEFAULT_LEARNING_RATE[self.method]

@@ -3,36 +3,42 @@
 Checkpoint layout: <output_dir>/checkpoint-<step>/ holding DeepSpeed's files under the tag "deepspeed"
 (trainable weights, optimizer and scheduler state; frozen weights excluded, they come from the pretrained
 model), rng_state_<rank>.pt per rank, and trainer_state.json (step, log history). Every rank writes into
-.tmp-checkpoint-<step>/; after a barrier rank 0 writes trainer_state.json and renames the directory. So a
-directory named checkpoint-<step> is complete; an interrupted save leaves only a .tmp- directory, which
-`find_latest_checkpoint` ignores and the next save of that step replaces. Assumes a filesystem shared by
-all ranks (as Hugging Face's Trainer does by default).
+.tmp-checkpoint-<step>/; after a barrier one rank per disk (its "committer") writes trainer_state.json and
+renames the directory. So a directory named checkpoint-<step> is complete on that disk; an interrupted save
+leaves only a .tmp- directory, which `find_latest_checkpoint` ignores and the next save of that step replaces.
 
-Adapter export: adapter_model.safetensors (the trainable weights in fp32, gathered from ZeRO's fp32 masters)
-and adapter_config.json (the ModelRecipe); `load_adapter_model` rebuilds the model from the original
-pretrained weights and loads them.
+No shared filesystem is needed: `probe_output_disks` finds out at the start of training which ranks see the
+same --output_dir (a file per rank, looked for by every rank), and the lowest rank of each such group
+commits there. With one disk per host, every host's checkpoint-<step>/ holds what its own ranks wrote (and
+DeepSpeed's replicated model-states file, which ZeRO-0/1/2 otherwise writes on rank 0 only); a resume on the
+same hosts reads it back. `agree_on_latest_checkpoint` resumes from the newest step that is complete on
+every rank's disk, since a failure between two hosts' renames leaves the newest step complete on one only.
+
+Adapter export: the trainable weights in fp32, gathered from ZeRO's fp32 masters, written by
+meft_ds.adapter_io.write_adapter (the same directory `save_pretrained` of a converted model writes);
+`meft_ds.load_adapter_model` rebuilds the model from the original pretrained weights and loads them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
+from ..adapter_io import ModelRecipe, load_adapter_model, write_adapter
+from .distributed import DistEnv, all_gather_objects, barrier
 
-from .distributed import DistEnv, barrier
-from .modeling import ModelRecipe, build_model
+__all__ = ["save_checkpoint", "find_latest_checkpoint", "resolve_resume_path", "load_checkpoint",
+           "trainable_state_dict", "export_adapter", "load_adapter_model", "probe_output_disks",
+           "agree_on_latest_checkpoint"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 DEEPSPEED_TAG = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _rng_file(rank: int) -> str:
@@ -46,24 +52,82 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(engine, output_dir: str, trainer_state: dict, env: DistEnv) -> Path:
-    """Save a resumable checkpoint of `trainer_state["global_step"]`; every rank must call this."""
+def probe_output_disks(output_dir: str, env: DistEnv) -> bool:
+    """Whether this rank commits checkpoints in output_dir: True for the lowest rank among those that see the
+    same directory (rank 0 on a shared filesystem; the first rank of each host with a disk per host).
+    Collective: every rank calls it. Creates output_dir on every rank's disk.
+
+    Raises ValueError when the ranks disagree on who shares a disk (a filesystem that does not show one
+    rank's new file to another consistently): checkpoints could not be committed safely there.
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if env.world_size == 1:
+        return True
+    token = all_gather_objects(secrets.token_hex(8))[0]  # rank 0's: one name for this probe on every rank
+    probe = output / f".disk-probe-{token}-{env.rank}"
+    probe.write_text(f"{env.rank}\n")
+    barrier()
+    sees = [rank for rank in range(env.world_size) if (output / f".disk-probe-{token}-{rank}").exists()]
+    barrier()
+    probe.unlink()
+    groups = all_gather_objects(sees)
+    for rank, group in enumerate(groups):
+        if any(groups[other] != group for other in group):
+            raise ValueError(f"--output_dir {output_dir}: ranks disagree on which of them share this directory "
+                             f"(rank {rank} sees the files of ranks {group}, they see {[groups[o] for o in group]}); "
+                             "use a disk per host or one filesystem that every host sees consistently.")
+    return env.rank == min(sees)
+
+
+def save_checkpoint(engine, output_dir: str, trainer_state: dict, env: DistEnv, commits: bool | None = None) -> Path:
+    """Save a resumable checkpoint of `trainer_state["global_step"]`; every rank must call this.
+
+    commits: whether this rank commits the checkpoint on its disk (`probe_output_disks`); default: rank 0
+    only, right for one shared filesystem.
+    """
     output = Path(output_dir)
     step = trainer_state["global_step"]
     final, staging = output / f"checkpoint-{step}", output / f".tmp-checkpoint-{step}"
-    if env.is_main and staging.exists():
+    commits = env.is_main if commits is None else commits
+    if commits and staging.exists():
         shutil.rmtree(staging)  # left by an interrupted save of this step
     barrier()
+    # DeepSpeed creates the directory on rank 0 only, and writes the replicated model states (ZeRO-0/1/2)
+    # from rank 0 only: each other disk needs both from its own ranks.
+    if not env.is_main:
+        (staging / DEEPSPEED_TAG).mkdir(parents=True, exist_ok=True)
+    if commits and not getattr(engine, "save_non_zero_checkpoint", True):
+        engine.save_non_zero_checkpoint = True
     engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
     torch.save(_rng_state(), staging / _rng_file(env.rank))
     barrier()  # every rank's files are written before the checkpoint is declared complete
-    if env.is_main:
+    if commits:
         _write_json(staging / TRAINER_STATE, trainer_state)
         if final.exists():
             shutil.rmtree(final)  # --overwrite_output_dir run replacing an earlier run's checkpoint
         os.replace(staging, final)
     barrier()
     return final
+
+
+def complete_checkpoint_steps(output_dir: str) -> list[int]:
+    """Steps of the complete checkpoint-<step> directories in output_dir (on this rank's disk), ascending."""
+    found = []
+    if os.path.isdir(output_dir):
+        for entry in Path(output_dir).iterdir():
+            match = CHECKPOINT_PATTERN.match(entry.name)
+            if match and (entry / TRAINER_STATE).is_file():
+                found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def agree_on_latest_checkpoint(output_dir: str, env: DistEnv) -> Path | None:
+    """The newest checkpoint-<step> that is complete on every rank's disk, or None. Collective."""
+    steps = set(complete_checkpoint_steps(output_dir))
+    if env.world_size > 1:
+        steps = set.intersection(*(set(s) for s in all_gather_objects(sorted(steps))))
+    return Path(output_dir) / f"checkpoint-{max(steps)}" if steps else None
 
 
 def find_latest_checkpoint(output_dir: str) -> Path | None:
@@ -77,13 +141,17 @@ def find_latest_checkpoint(output_dir: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def resolve_resume_path(resume_from_checkpoint: str, output_dir: str) -> Path:
-    """'latest' -> the newest complete checkpoint of output_dir; a path -> itself, if complete.
+def resolve_resume_path(resume_from_checkpoint: str, output_dir: str, env: DistEnv | None = None) -> Path | None:
+    """'latest' -> the newest complete checkpoint of output_dir; 'auto' -> the same, or None (start from
+    scratch) when there is none; a path -> itself, if complete. With `env` (collective: every rank calls
+    it), the newest step complete on every rank's disk.
 
-    Raises FileNotFoundError when there is none, or the directory is not a complete checkpoint.
+    Raises FileNotFoundError when there is none ('latest'), or the directory is not a complete checkpoint.
     """
-    if resume_from_checkpoint == "latest":
-        path = find_latest_checkpoint(output_dir)
+    if resume_from_checkpoint in ("latest", "auto"):
+        path = find_latest_checkpoint(output_dir) if env is None else agree_on_latest_checkpoint(output_dir, env)
+        if path is None and resume_from_checkpoint == "auto":
+            return None
         if path is None:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint-<step> in {output_dir}.")
         return path
@@ -99,12 +167,12 @@ def load_checkpoint(engine, path: Path, env: DistEnv) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG from `path`; return its trainer state.
 
     Raises ValueError when the checkpoint was written with another world size (each rank's RNG state and
-    ZeRO partition are per rank; convert with DeepSpeed's universal checkpoint to change it).
+    ZeRO partition are per rank; re-sharding through DeepSpeed's universal checkpoints is not wired in).
     """
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     if trainer_state["world_size"] != env.world_size:
         raise ValueError(f"{path} was saved by {trainer_state['world_size']} ranks, this run has {env.world_size}; "
-                         "resume with the same world size (or convert it with ds_to_universal).")
+                         "resume with the same world size (this trainer cannot re-shard a checkpoint yet).")
     loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=False)
     if loaded is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {path / DEEPSPEED_TAG}.")
@@ -127,40 +195,23 @@ def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
+class NonFiniteAdapterError(ValueError):
+    """The trained weights hold NaN or Inf: they are not exported."""
+
+
 def export_adapter(engine, recipe: ModelRecipe, output_dir: str, env: DistEnv) -> None:
-    """Write adapter_model.safetensors + adapter_config.json into output_dir (rank 0). Collective."""
-    from safetensors.torch import save_file
+    """Write the adapter directory (adapter_io.write_adapter) into output_dir on rank 0. Collective.
 
-    state = trainable_state_dict(engine)
-    if env.is_main:
-        output = Path(output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        staging = output / f".tmp-{ADAPTER_WEIGHTS}"
-        save_file(state, str(staging), metadata={"format": "pt"})
-        os.replace(staging, output / ADAPTER_WEIGHTS)
-        _write_json(output / ADAPTER_CONFIG, dataclasses.asdict(recipe))
-    barrier()
-
-
-def load_adapter_model(adapter_dir: str, model_name_or_path: str | None = None) -> nn.Module:
-    """The trained model: the original pretrained model (from adapter_config.json, or `model_name_or_path`
-    if it moved), converted the same way (make_reversible / LoRA), with the exported weights loaded.
-
-    Raises ValueError when the exported weights do not match the rebuilt model's trainable parameters.
+    Raises NonFiniteAdapterError (on every rank, nothing written) when a trained weight is not finite.
     """
-    from safetensors.torch import load_file
-
-    recipe = ModelRecipe(**json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()))
-    if model_name_or_path is not None:
-        recipe = dataclasses.replace(recipe, base_model_name_or_path=model_name_or_path)
-    model = build_model(recipe)
-    state = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
-    if set(state) != expected:
-        raise ValueError(f"{adapter_dir}: exported weights do not match the rebuilt model; missing "
-                         f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}.")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+    state = trainable_state_dict(engine)
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteAdapterError(f"{len(bad)} trained weight(s) hold NaN or Inf (first: {bad[0]}); "
+                                    f"the adapter is not exported to {output_dir}.")
+    if env.is_main:
+        write_adapter(output_dir, state, recipe)
+    barrier()
 
 
 def _write_json(path: Path, value: dict) -> None:

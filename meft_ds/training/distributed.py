@@ -9,7 +9,9 @@ is rank 0 of 1 on 127.0.0.1. MASTER_PORT, when not exported, is --master_port.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ import torch.distributed as dist
 
 # Variables that only exist in processes started by an MPI launcher (MPICH / Intel MPI, Open MPI).
 MPI_MARKERS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+DEFAULT_TIMEOUT_S = 1800  # torch's default collective timeout (Hugging Face's --ddp_timeout default too)
 
 
 @dataclass(frozen=True)
@@ -38,15 +41,20 @@ def _mpi_environment() -> dict[str, str]:
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     if node.Get_size() == world.Get_size():
         address = "127.0.0.1"
-    else:  # rank 0's first network address, as DeepSpeed's own MPI discovery takes it (untested here: one host)
+    else:  # rank 0's first network address, as DeepSpeed's own MPI discovery takes it (tests/test_multihost.py)
         mine = subprocess.check_output(["hostname", "-I"], text=True).split()[0] if world.Get_rank() == 0 else None
         address = world.bcast(mine, root=0)
     return {"RANK": str(world.Get_rank()), "WORLD_SIZE": str(world.Get_size()),
             "LOCAL_RANK": str(node.Get_rank()), "MASTER_ADDR": address}
 
 
-def init_distributed(master_port: int) -> DistEnv:
+def init_distributed(master_port: int, timeout_s: float | None = None) -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (backend: the accelerator's, gloo on CPU) once.
+
+    timeout_s: how long a collective waits for a rank that does not arrive before it raises (--ddp_timeout);
+    None keeps torch's default (30 minutes). With more than one rank a watchdog process is started too
+    (`meft_ds.training.watchdog`): it ends this rank when the job's rendezvous store goes away or stops
+    answering, which is how a rank that is itself stuck learns that the others have given up.
 
     Safe to call again in the same process (tests run several trainings in one process group).
     """
@@ -65,7 +73,13 @@ def init_distributed(master_port: int) -> DistEnv:
         local_rank = int(os.environ["LOCAL_RANK"])
         if get_accelerator().device_name() != "cpu":
             get_accelerator().set_device(local_rank)
-        deepspeed.init_distributed(auto_mpi_discovery=False)
+        options = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(auto_mpi_discovery=False, **options)
+        if dist.get_world_size() > 1:
+            from .watchdog import start_watchdog
+
+            start_watchdog(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), dist.get_rank(),
+                           timeout_s or DEFAULT_TIMEOUT_S)
     return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -77,8 +91,12 @@ def barrier() -> None:
 def shutdown(synchronize: bool = True) -> None:
     """Barrier then destroy the group: without it a rank can abort at exit while another still talks.
 
-    synchronize=False skips the barrier, for an exit on error where other ranks may not arrive.
+    synchronize=False skips the barrier, for an exit on error where other ranks may not arrive. The
+    watchdog stops first: rank 0's store goes away when rank 0 exits, which must not look like a failure.
     """
+    from .watchdog import stop_watchdog
+
+    stop_watchdog()
     if dist.is_initialized():
         if synchronize:
             dist.barrier()
@@ -119,3 +137,18 @@ def all_reduce_mean(value: torch.Tensor) -> float:
     tensor = value.detach().to(device=_device(), dtype=torch.float64).clone()
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
+
+
+def all_gather_objects(value) -> list:
+    """Each rank's picklable `value`, gathered on every rank (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def where() -> str:
+    """'rank R on HOST' for error lines (RANK as the launcher set it, before or after init)."""
+    rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+    return f"rank {rank} on {socket.gethostname()}"

@@ -1,36 +1,23 @@
 """Build the model a run trains: pretrained weights + head, then the method (MEFT, LoRA or nothing for full).
 
-`ModelRecipe` is everything needed to rebuild that model from the original pretrained weights; it is
-saved as adapter_config.json next to the exported trainable weights, so `load_adapter_model` rebuilds the
-same structure (make_reversible, or LoRA) and loads them.
+`ModelRecipe` (meft_ds.adapter_io) is everything needed to rebuild that model from the original
+pretrained weights; it is saved as adapter_config.json next to the exported trainable weights, the same
+record `save_pretrained` of a converted model writes, so `load_adapter_model` reads both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from torch import nn
 
+from ..adapter_io import ModelRecipe, base_fingerprint, build_model
 from ..config import MEFTConfig
-from ..convert import make_reversible
+
+__all__ = ["ModelRecipe", "build_model", "make_recipe", "load_tokenizer", "default_num_frozen_layers", "param_groups",
+           "check_sequence_length", "num_parameters", "release_weights_after_recompute"]
 
 # Deep decoders: the reference work keeps the lowest layers frozen (METHOD.md, "Deep models").
 FROZEN_SHARE_MODEL_TYPES = ("opt", "llama", "mistral")
 FROZEN_SHARE_DIVISOR = 3
-
-
-@dataclass
-class ModelRecipe:
-    """How the trained model is built from the original pretrained one (JSON round-trip via asdict)."""
-
-    method: str  # meft | lora | full
-    base_model_name_or_path: str
-    task_kind: str  # classification | regression | causal_lm (meft_ds.data.TaskSpec.kind)
-    num_labels: int
-    meft_config: dict | None = None  # MEFTConfig.to_dict() for method "meft"
-    lora_rank: int | None = None  # for method "lora"; alpha = 2 * rank
-    pad_token_id: int | None = None  # set on the model config when the tokenizer needed one (LLaMA)
 
 
 def load_tokenizer(name_or_path: str):
@@ -50,15 +37,26 @@ def default_num_frozen_layers(model_config) -> int:
     return 0
 
 
+def check_sequence_length(model_config, max_seq_length: int) -> None:
+    """Raise ValueError when --max_seq_length exceeds the positions the model was trained with (learned
+    position tables would fail with an index error deep in the forward; rotary models would silently
+    extrapolate)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and max_seq_length > limit:
+        raise ValueError(f"--max_seq_length {max_seq_length} exceeds the {limit} positions of this "
+                         f"{model_config.model_type} model (max_position_embeddings); use at most {limit}.")
+
+
 def make_recipe(args, spec, tokenizer) -> ModelRecipe:
     """The recipe for a run's flags and task; reads the model config (not the weights) for defaults."""
     from transformers import AutoConfig
 
+    base_config = AutoConfig.from_pretrained(args.model_name_or_path)
     meft_config = None
     if args.method == "meft":
         num_frozen = args.num_frozen_layers
         if num_frozen is None:
-            num_frozen = default_num_frozen_layers(AutoConfig.from_pretrained(args.model_name_or_path))
+            num_frozen = default_num_frozen_layers(base_config)
         meft_config = MEFTConfig(
             variant=args.variant, adapter_dim=args.adapter_dim, lam=args.lam, beta=args.beta,
             num_frozen_layers=num_frozen, num_reversible_layers=args.num_reversible_layers, backward=args.backward,
@@ -68,42 +66,47 @@ def make_recipe(args, spec, tokenizer) -> ModelRecipe:
         method=args.method, base_model_name_or_path=args.model_name_or_path, task_kind=spec.kind,
         num_labels=spec.num_labels, meft_config=meft_config,
         lora_rank=args.adapter_dim if args.method == "lora" else None, pad_token_id=tokenizer.pad_token_id,
+        base_model_config=base_fingerprint(base_config),
     )
 
 
-def build_model(recipe: ModelRecipe) -> nn.Module:
-    """Load the pretrained weights in fp32 (DeepSpeed casts for bf16/fp16) and apply the method.
+def release_weights_after_recompute(engine) -> int:
+    """Under ZeRO-3, partition each reversible layer's weights again as soon as the reversible backward is
+    done with that layer; returns the number of MEFT stacks hooked (0 for other ZeRO stages).
 
-    Afterwards exactly the weights the method trains require grad. Raises ValueError from
-    make_reversible / PEFT for an unsupported model or layer counts that do not fit.
+    DeepSpeed treats a forward inside backward as activation-checkpoint recomputation and attributes the
+    frozen weights it gathers to the module whose backward is running -- here the whole MEFT stack -- so
+    it releases them only when the stack's backward ends: by then every reversible layer's weights would
+    be gathered at once on every rank, the whole model for a fully reversible one. Releasing through the
+    parameter coordinator (not by partitioning behind its back) keeps its count of gathered weights, which
+    limits prefetching, right.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from ..reversible import MEFTStack
 
-    options = {"dtype": torch.float32}
-    if recipe.pad_token_id is not None:
-        options["pad_token_id"] = recipe.pad_token_id
-    if recipe.task_kind == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(recipe.base_model_name_or_path, **options)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            recipe.base_model_name_or_path, num_labels=recipe.num_labels, **options)
-    if recipe.method == "meft":
-        make_reversible(model, MEFTConfig.from_dict(recipe.meft_config))
-    elif recipe.method == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None)
+    if offload is None:  # not ZeRO-3: every rank holds its weights whole anyway
+        return 0
+    coordinator = offload.get_param_coordinator()
+    stacks = [m for m in engine.module.modules() if isinstance(m, MEFTStack)]
+    for stack in stacks:
+        stack.after_layer_backward = coordinator.release_and_reset_all
+    return len(stacks)
 
-        task_type = TaskType.CAUSAL_LM if recipe.task_kind == "causal_lm" else TaskType.SEQ_CLS
-        lora = LoraConfig(task_type=task_type, r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, lora_dropout=0.0)
-        model = get_peft_model(model, lora)
-    return model
+
+def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameter count of the whole model, also when ZeRO-3 has partitioned it (numel() is then 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters only (frozen ones never reach the optimizer), in two groups: matrices get
     weight decay; biases, norm weights and the scalar stream mix (ndim < 2) do not."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # A ZeRO-3 partitioned parameter is a flat empty tensor; its real shape is ds_shape.
+    matrices = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trainable]
     groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, matrix in zip(trainable, matrices) if matrix], "weight_decay": weight_decay},
+        {"params": [p for p, matrix in zip(trainable, matrices) if not matrix], "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]

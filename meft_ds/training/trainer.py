@@ -23,12 +23,15 @@ import torch.distributed as dist
 
 from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
-from ..telemetry import RankTelemetry, optimizer_state_bytes
+from ..telemetry import RankTelemetry, optimizer_state_bytes, param_bytes
 from .args import RunArgs
-from .checkpoint import export_adapter, load_checkpoint, resolve_resume_path, save_checkpoint
-from .distributed import DistEnv, all_gather_floats, all_reduce_mean, barrier, init_distributed, local_main_first
+from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, probe_output_disks, resolve_resume_path,
+                         save_checkpoint)
+from .distributed import DistEnv, all_gather_floats, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
-from .modeling import ModelRecipe, build_model, load_tokenizer, make_recipe, param_groups
+from .modeling import (ModelRecipe, build_model, check_sequence_length, load_tokenizer, make_recipe, num_parameters,
+                       param_groups, release_weights_after_recompute)
+from .same_inputs import check_same_inputs
 
 logger = logging.getLogger("meft_ds.train")
 
@@ -55,6 +58,59 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
+class NonFiniteError(RuntimeError):
+    """A training step's loss or gradient norm was not finite and the run stops (--nonfinite, docs/errors.md)."""
+
+
+# --nonfinite skip (bf16/fp32): this many non-finite steps in a row mean the run diverged, not a stray batch.
+MAX_CONSECUTIVE_NONFINITE = 10
+
+
+class NonFiniteGuard:
+    """Checks each optimizer step's loss (all ranks) and gradient norm; decides to go on or to stop.
+
+    Uses only what the step already computed: the per-rank losses gathered for logging and DeepSpeed's
+    global gradient norm and overflow decision (both reduced across ranks inside engine.step()). Every
+    rank therefore takes the same decision. DeepSpeed skips a step whose gradients are not finite (ZeRO
+    with fp16 or bf16 always, fp32 when it computes the gradient norm); with fp16 that skip, and the loss
+    scale it lowers, is the normal path. Otherwise `policy` says: "stop" raises NonFiniteError (nothing
+    is saved or exported afterwards); "skip" goes on unless MAX_CONSECUTIVE_NONFINITE steps in a row were
+    skipped. A non-finite step that DeepSpeed applied anyway always stops: the weights are no longer finite.
+    """
+
+    def __init__(self, policy: str, fp16: bool, rank: int):
+        self.policy, self.fp16, self.rank = policy, fp16, rank
+        self.consecutive = 0
+
+    def check(self, step: int, rank_losses: list[float], grad_norm, applied: bool) -> bool:
+        """True when the step counts as trained; False when it was skipped (logged). Raises NonFiniteError."""
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        bad_ranks = [r for r, value in enumerate(rank_losses) if not math.isfinite(value)]
+        norm_ok = grad_norm is None or math.isfinite(grad_norm)
+        if not bad_ranks and norm_ok and applied:
+            self.consecutive = 0
+            return True
+        what = (f"step {step}: " + (f"non-finite loss on rank {', '.join(map(str, bad_ranks))} "
+                                    f"({', '.join(str(rank_losses[r]) for r in bad_ranks)})" if bad_ranks else "loss finite")
+                + f", gradient norm {grad_norm}")
+        if applied:
+            raise NonFiniteError(f"{what}, and the optimizer applied this step (DeepSpeed checked no gradient "
+                                 "overflow: ZeRO stage 0 fp32, or gradient-norm computation off), so the weights are "
+                                 "no longer trustworthy; the run stops without saving or exporting them.")
+        self.consecutive += 1
+        if self.fp16:
+            logger.warning("%s: step skipped by the fp16 loss scaler (it lowers the loss scale)", what)
+            return False
+        if self.policy == "stop":
+            raise NonFiniteError(f"{what}: DeepSpeed skipped the step, and --nonfinite stop ends the run here "
+                                 f"(rank {self.rank} reporting); --nonfinite skip would continue past such steps.")
+        if self.consecutive >= MAX_CONSECUTIVE_NONFINITE:
+            raise NonFiniteError(f"{what}: {self.consecutive} non-finite steps in a row, the run diverged "
+                                 f"(--nonfinite skip stops after {MAX_CONSECUTIVE_NONFINITE}).")
+        logger.warning("%s: step skipped (--nonfinite skip; %d in a row)", what, self.consecutive)
+        return False
+
+
 def _to_device(batch: dict, device) -> dict:
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
@@ -66,24 +122,25 @@ def evaluate(engine, dataset, spec, collate, env: DistEnv, batch_size: int) -> d
     per_rank = math.ceil(n / env.world_size)
     indices = [(env.rank + env.world_size * k) % n for k in range(per_rank)]
     real = [env.rank + env.world_size * k < n for k in range(per_rank)]
-    outputs, loss_sum, token_count = [], 0.0, 0
+    outputs, lm_sums = [], torch.zeros(3, dtype=torch.float64, device=engine.device)
     engine.eval()
     with torch.no_grad():
         for start in range(0, per_rank, batch_size):
             rows = indices[start:start + batch_size]
             keep = real[start:start + batch_size]
             batch = _to_device(collate([dataset[i] for i in rows]), engine.device)
-            logits = engine(**batch).logits.float().cpu()
-            if spec.is_causal_lm:
-                kept = torch.tensor(keep)
-                sums = lm_loss_sums(logits[kept], batch["labels"].cpu()[kept])
-                loss_sum, token_count = loss_sum + sums[0], token_count + sums[1]
+            # Without labels: the model would also compute its own mean loss over an fp32 copy of all logits.
+            logits = engine(**{name: t for name, t in batch.items() if name != "labels"}).logits
+            if spec.is_causal_lm:  # reduced on the device: only 3 numbers per rank leave it, at the end
+                kept = torch.tensor(keep, device=logits.device)
+                lm_sums += lm_loss_sums(logits[kept], batch["labels"][kept])
             else:
-                outputs += [(i, row.tolist()) for i, row, k in zip(rows, logits, keep) if k]
+                outputs += [(i, row.tolist()) for i, row, k in zip(rows, logits.float().cpu(), keep) if k]
     engine.train()
     if spec.is_causal_lm:
-        totals = all_gather_floats([loss_sum, float(token_count)])
-        return lm_metrics(sum(t[0] for t in totals), int(sum(t[1] for t in totals)))
+        totals = all_gather_floats(lm_sums.tolist())
+        loss_sum, num_tokens, num_correct = (sum(t[k] for t in totals) for k in range(3))
+        return lm_metrics(loss_sum, int(num_tokens), int(num_correct))
     gathered = [None] * env.world_size
     dist.all_gather_object(gathered, outputs)
     by_index = dict(pair for part in gathered for pair in part)
@@ -136,21 +193,21 @@ def setup(args: RunArgs) -> Run:
     one line). Safe to call several times in one process: the process group is set up once.
     """
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
-    env = init_distributed(args.master_port)
+    env = init_distributed(args.master_port, args.ddp_timeout)
     _setup_logging(env)
     args.check_inputs()
     source = str(resolve_preset(args.deepspeed))
     ds_config, args = merge_ds_config(load_preset(args.deepspeed), args, env.world_size, source=source)
-    accelerator = get_accelerator()
-    if args.fp16 and not accelerator.is_fp16_supported():
-        raise ValueError(f"fp16 (from {source} or --fp16) is not supported on this {accelerator.device_name()} "
-                         "accelerator; use --bf16 or fp32 here, fp16 on a GPU.")
+    check_precision_supported(args, source)
+    check_same_inputs(args, source, env)
     resume_path = None
     if args.resume_from_checkpoint:
-        resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+        resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir, env)
 
+    from transformers import AutoConfig
+
+    check_sequence_length(AutoConfig.from_pretrained(args.model_name_or_path), args.max_seq_length)
     tokenizer = load_tokenizer(args.model_name_or_path)
     with local_main_first(env):
         raw, spec = load_task_datasets(task_name=args.task_name, data_dir=args.data_dir, train_file=args.train_file,
@@ -167,14 +224,17 @@ def setup(args: RunArgs) -> Run:
 
     torch.manual_seed(args.seed)  # adapter / head init; dropout draws continue from here (saved per checkpoint)
     recipe = make_recipe(args, spec, tokenizer)
-    model = build_model(recipe)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_parameters = sum(p.numel() for p in model.parameters())
+    identity = run_identity(recipe, ds_config, args)
+    if resume_path is not None:
+        check_same_run(json.loads((resume_path / TRAINER_STATE).read_text()), identity, resume_path)
+    model = build_model(recipe, dtype=_torch_dtype(args), ds_config=ds_config)
+    trainable, total_parameters = num_parameters(model, trainable_only=True), num_parameters(model)
     schedule = linear_schedule(total_steps, warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, args.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    release_weights_after_recompute(engine)
     logger.info("world size %d | global batch %d = %d x %d accumulation x %d ranks | %d steps (%d per epoch), "
                 "%d warm-up | %s | ZeRO-%d | %s | trainable parameters %d of %d (%.2f%%)",
                 env.world_size, global_size, micro_size, accumulation, env.world_size, total_steps, steps_per_epoch,
@@ -183,16 +243,94 @@ def setup(args: RunArgs) -> Run:
     if recipe.meft_config is not None:
         logger.info("MEFT: %s", json.dumps(recipe.meft_config, sort_keys=True))
 
-    state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": []}
+    state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": [],
+             "total_steps": total_steps, **identity}
     if resume_path is not None:
         state = load_checkpoint(engine, resume_path, env)
         if state["global_batch_size"] != global_size:
             raise ValueError(f"{resume_path} was trained with global batch {state['global_batch_size']}, this run "
                              f"has {global_size}; resume with the same batch flags so the data order continues.")
+        if total_steps < state["global_step"]:
+            raise ValueError(f"{resume_path} is at step {state['global_step']}, past this run's {total_steps} steps "
+                             "(--max_steps / --num_train_epochs); pass a larger --max_steps to train on.")
         logger.info("resumed from %s at step %d", resume_path, state["global_step"])
+        continue_schedule(scheduler, schedule, state.get("total_steps"), total_steps, warmup_steps, state["global_step"])
+        state.update(total_steps=total_steps, **identity)
     barrier()  # every rank passed every check before rank 0 writes anything
     return Run(args, env, ds_config, spec, data, collate_fn(tokenizer), recipe, engine, optimizer, scheduler,
                total_steps, steps_per_epoch, global_size, trainable, state)
+
+
+# Fields of the run identity a resumed run may change: the base model may have moved, and the backward mode
+# computes the same function (it only trades memory for recomputation).
+MAY_DIFFER_ON_RESUME = ("model_recipe.base_model_name_or_path", "model_recipe.meft_config.backward")
+
+
+def run_identity(recipe: ModelRecipe, ds_config: dict, args: RunArgs) -> dict:
+    """What makes a resumed run the same run, stored in every checkpoint's trainer_state.json: the model
+    recipe (the record adapter_config.json holds: one schema), the ZeRO stage, the precision and the
+    optimizer (type and settings, e.g. lr, betas, eps, weight decay)."""
+    return {"model_recipe": recipe.to_dict(), "zero_stage": zero_stage(ds_config),
+            "precision": _precision(args), "optimizer": ds_config.get("optimizer")}
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def check_same_run(saved_state: dict, identity: dict, path) -> None:
+    """Raise ValueError (one line, naming every differing field) unless the checkpoint in `path` was made
+    by the same run as `identity` describes. Checkpoints written before these fields existed are let through
+    with a warning."""
+    if "model_recipe" not in saved_state:
+        logger.warning("%s predates the run-identity check: its model recipe and ZeRO settings are not verified", path)
+        return
+    saved, current = _flatten({k: saved_state.get(k) for k in identity}), _flatten(identity)
+    fields = list(current) + [field for field in saved if field not in current]  # recipe order: variant first
+    differing = [f"{field}={saved.get(field)!r}, this run has {current.get(field)!r}" for field in fields
+                 if field not in MAY_DIFFER_ON_RESUME and saved.get(field) != current.get(field)]
+    if differing:
+        raise ValueError(f"{path} was trained with {'; '.join(differing)}. Resume with the same settings, or start "
+                         "a new run in another --output_dir.")
+
+
+def continue_schedule(scheduler, schedule, saved_total: int | None, total_steps: int, warmup_steps: int,
+                      step: int) -> None:
+    """A resume with another step count continues on the schedule recomputed for the new count.
+
+    The loaded scheduler already uses the new schedule for every later step, but the learning rate of the next
+    step was set by the old one (0.0 after a finished run's last step). It is set from the new schedule at the
+    scheduler's own step count, and logged; with an unchanged count nothing changes.
+    """
+    if saved_total is None or saved_total == total_steps:
+        return
+    factor = schedule(scheduler.last_epoch)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reads
+    logger.info("the checkpoint was made for %d steps, this run has %d: the learning-rate schedule is recomputed "
+                "for %d steps (%d warm-up): step %d runs at lr %.3g (factor %.3g of the peak)",
+                saved_total, total_steps, total_steps, warmup_steps, step + 1, scheduler.get_last_lr()[0], factor)
+
+
+def check_precision_supported(args: RunArgs, source: str) -> None:
+    """Raise ValueError (one line) when the run asks for fp16 and DeepSpeed's accelerator says it has none.
+
+    The accelerator is asked, not assumed: some CPUs (AVX512-FP16) do support fp16, most do not.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if args.fp16 and not accelerator.is_fp16_supported():
+        raise ValueError(f"fp16 (from {source} or --fp16) is not supported on this {accelerator.device_name()} "
+                         "accelerator; use --bf16 or fp32 here, fp16 on a GPU.")
+
+
+def _torch_dtype(args: RunArgs) -> torch.dtype:
+    """The weights' dtype in training: DeepSpeed casts every parameter to 16 bit when bf16/fp16 is on."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 def _precision(args: RunArgs) -> str:
@@ -212,10 +350,10 @@ def fit(run: Run) -> dict:
     train_set, accumulation = run.data["train"], args.gradient_accumulation_steps
     output_dir = Path(args.output_dir)
     writer = None
+    commits = probe_output_disks(args.output_dir, env)  # which rank commits checkpoints on this rank's disk
     if env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        output_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(args.logging_dir)
 
     def log(entry: dict) -> None:
@@ -227,7 +365,8 @@ def fit(run: Run) -> dict:
         logger.info(json.dumps(entry))
 
     def run_eval() -> dict:
-        results = {split: evaluate(engine, run.data[split], run.spec, run.collate, env, args.per_device_eval_batch_size)
+        eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
+        results = {split: evaluate(engine, run.data[split], run.spec, run.collate, env, eval_batch_size)
                    for split in run.spec.eval_splits}
         log({"step": state["global_step"],
              **{f"eval/{split}/{name}": value for split, m in results.items() for name, value in m.items()}})
@@ -241,6 +380,7 @@ def fit(run: Run) -> dict:
     progress = tqdm(total=run.total_steps, initial=state["global_step"], disable=not env.is_main, desc="train",
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
     start_step, start_time, epoch, batches = state["global_step"], time.perf_counter(), None, []
+    guard = NonFiniteGuard(args.nonfinite, bool(args.fp16), env.rank)
     run_losses = []
     while state["global_step"] < run.total_steps:
         step = state["global_step"]
@@ -263,8 +403,10 @@ def fit(run: Run) -> dict:
             engine.step()
             loss_sum += loss.detach().float().cpu()
         rank_loss = (loss_sum / accumulation).item()
-        loss_value = all_reduce_mean(loss_sum / accumulation)
+        rank_losses = [values[0] for values in all_gather_floats([rank_loss])]
+        loss_value = sum(rank_losses) / len(rank_losses)
         state["global_step"] = step = step + 1
+        guard.check(step, rank_losses, engine.get_global_grad_norm(), engine.was_step_applied())
         run_losses.append(loss_value)
         telemetry.end_step(step, time.perf_counter() - step_start, samples, tokens, rank_loss, learning_rate)
         progress.update(1)
@@ -275,7 +417,7 @@ def fit(run: Run) -> dict:
         if args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
             run_eval()
         if args.save_steps and step % args.save_steps == 0 and step < run.total_steps:
-            save_checkpoint(engine, args.output_dir, state, env)
+            save_checkpoint(engine, args.output_dir, state, env, commits)
     progress.close()
     telemetry.close()
     train_seconds = time.perf_counter() - start_time
@@ -283,11 +425,18 @@ def fit(run: Run) -> dict:
     if state["global_step"] > 0:  # Adam's moments exist from the first step on (or from the checkpoint)
         optimizer_bytes = [int(b[0]) for b in all_gather_floats([float(optimizer_state_bytes(run.optimizer))])]
         logger.info("optimizer-state bytes per rank: %s (total %d)", optimizer_bytes, sum(optimizer_bytes))
+    # What each rank holds of the weights themselves (ZeRO-3: its shards; ZeRO-1/2: every weight).
+    parameter_bytes = all_gather_floats([float(param_bytes(engine.module, trainable=False)),
+                                         float(param_bytes(engine.module, trainable=True))])
 
     eval_results = run_eval() if run.spec.eval_splits else {}
+    for split, metrics in eval_results.items():
+        if metrics.get("constant_predictions"):
+            logger.warning("eval %s: the model predicts the same value for every example (collapsed: lower the "
+                           "learning rate or check the head); results.json records constant_predictions", split)
     steps_run = state["global_step"] - start_step
     if args.save_steps and steps_run:  # the last checkpoint, its log history ending with the final eval
-        save_checkpoint(engine, args.output_dir, state, env)
+        save_checkpoint(engine, args.output_dir, state, env, commits)
     export_adapter(engine, run.recipe, args.output_dir, env)
     peak_gpu_memory = None
     if torch.cuda.is_available():  # allocator peak; on CPU DeepSpeed's memory figures are process RSS
@@ -300,6 +449,8 @@ def fit(run: Run) -> dict:
         "train_samples_per_second": round(steps_run * run.global_batch_size / train_seconds, 3) if steps_run else None,
         "eval": eval_results,
         "optimizer_state_bytes_per_rank": optimizer_bytes,
+        "frozen_parameter_bytes_per_rank": [int(b[0]) for b in parameter_bytes],
+        "trainable_parameter_bytes_per_rank": [int(b[1]) for b in parameter_bytes],
         "peak_gpu_memory_bytes_per_rank": peak_gpu_memory,
         "trainable_parameters": run.trainable_parameters,
         "world_size": env.world_size,
