@@ -13,7 +13,7 @@ STYLE = {  # colour and marker per method, frozen variants dashed
     "lora_gc_naive": ("tab:brown", "v"), "meft1_vanilla": ("tab:purple", "D"), "meft2_vanilla": ("tab:pink", "D"),
     "meft3_vanilla": ("tab:gray", "D"), "meft1": ("tab:green", "o"), "meft2": ("tab:olive", "P"),
     "meft3": ("tab:cyan", "X"), "meft1_exact": ("tab:red", "*"), "meft2_exact": ("salmon", "*"),
-    "meft3_exact": ("darkred", "*"),
+    "meft3_exact": ("darkred", "*"), "meft1_exact_one_stage": ("orangered", "*"),
 }
 
 

@@ -21,8 +21,12 @@ class _Block:
     sits inside its output projection), "ffn" (with parallel adapter), "adapter" (stand-alone adapter).
     """
 
-    def __init__(self, family: Family, kind: str):
+    def __init__(self, family: Family, kind: str, split_recompute: bool = False):
         self.family, self.kind = family, kind
+        # A whole layer is ffn(attention(h)): with split_recompute, the reversible backward recomputes it in
+        # two stages (MEFTLayer.recompute_backward, MEFTConfig.split_layer_recompute).
+        self.parts = ((_Block(family, "attention"), _Block(family, "ffn"))
+                      if kind == "layer" and split_recompute else None)
 
     def __call__(self, owner: MEFTLayer, hidden_states, inputs):
         layer = owner.layer
@@ -59,7 +63,8 @@ def _convert_layer(layer: nn.Module, config: MEFTConfig, model_config, family: F
         setattr(parent, name, SerialAdapter(getattr(parent, name), _make_adapter(config, model_config, layer, family)))
     layer.meft_ffn_adapter = _make_adapter(config, model_config, layer, family)
     standalone = _make_adapter(config, model_config, layer, family) if "adapter" in (f_kind, g_kind) else None
-    return MEFTLayer(layer, standalone, _Block(family, f_kind), _Block(family, g_kind),
+    split = config.split_layer_recompute
+    return MEFTLayer(layer, standalone, _Block(family, f_kind, split), _Block(family, g_kind, split),
                      config.lam, config.beta, switched)
 
 

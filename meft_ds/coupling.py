@@ -7,7 +7,9 @@ autograd in cached mode); `state` is what the arithmetic really keeps (None for 
   multiplies rounding error by 1/factor, so deep stacks lose their gradients (docs/numerics.md).
 - ExactCoupling: streams are int64 fixed point with `frac_bits` fractional bits; factor = 1/m with an
   integer m; y = floor(x / m) + q(b) and x = m * (y - q(b)) + (x mod m), exactly, by keeping the
-  remainder x mod m (one uint8 per element for m <= 256, else int32; only where m > 1). Block outputs are quantised
+  remainder x mod m (only where m > 1): ceil(log2 m) bits per element, bit-packed into bytes for m <= 128
+  (4 bits for lam = 0.1, 3 for lam = 1/8), one uint8 per element for m <= 256, else int32; for a power of
+  two m the division is a shift. Block outputs are quantised
   deterministically (round to nearest). Gradients pass straight through the quantisation, so they
   follow the same equations (5)-(7) as the float arithmetic with factor = 1/m. Reconstruction is
   bit-exact as long as the recomputed F and G are bit-identical to the forward's; a checksum of each
@@ -31,8 +33,37 @@ import torch
 
 
 class Stream(NamedTuple):
-    value: torch.Tensor
+    value: torch.Tensor | None  # None: not decoded yet (exact arithmetic, backward only); see value_of
     state: torch.Tensor | None
+    # Exact arithmetic, undecoded value only: the 0-dim poison flag (NaN or 0) value_of adds to the value.
+    poison: torch.Tensor | None = None
+
+
+def _remainder_bits(m: int) -> int:
+    return (m - 1).bit_length()
+
+
+def pack_remainders(remainders: torch.Tensor, m: int) -> torch.Tensor:
+    """x mod m (values in [0, m), m <= 128) as ceil(log2 m)-bit fields: every 8 elements fill `bits` bytes."""
+    bits = _remainder_bits(m)
+    flat = remainders.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
+    words = (flat.view(-1, 8).to(torch.int64) << shifts).sum(-1)  # 8 * bits <= 56 bits: no sign overflow
+    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
+    return ((words.unsqueeze(-1) >> byte_shifts) & 255).to(torch.uint8).reshape(-1)
+
+
+def unpack_remainders(packed: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_remainders: an int64 tensor shaped like `like`."""
+    bits = _remainder_bits(m)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    words = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(-1)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return values.reshape(-1)[: like.numel()].view(like.shape)
 
 
 class FloatCoupling:
@@ -49,8 +80,15 @@ class FloatCoupling:
         return Stream(value, None), None
 
     def split(self, y: Stream, block_out: torch.Tensor, factor: float, side) -> Stream:
-        diff = y.value - block_out
-        return Stream(diff if factor == 1.0 else diff / factor, None)
+        """Consumes y: x is computed in place in y's storage (one stream less alive in backward)."""
+        diff = y.value.sub_(block_out)
+        return Stream(diff if factor == 1.0 else diff.div_(factor), None)
+
+    def value_of(self, stream: Stream) -> torch.Tensor:
+        return stream.value
+
+    def state_only(self, stream: Stream) -> Stream:
+        return stream  # the value is the state
 
     def to_saved(self, stream: Stream) -> torch.Tensor:
         return stream.value
@@ -129,28 +167,57 @@ class ExactCoupling:
         if m == 1:
             state, side = x.state + quantised, None
             poison = poison + _nan_unless(_within(state, STATE_LIMIT))  # a sum of factor 1 can grow past the range
+        elif m & (m - 1) == 0:  # a power of two: floor division is an arithmetic shift
+            shift = m.bit_length() - 1
+            state = (x.state >> shift) + quantised
+            side = self._store_remainders(x.state & (m - 1), m)
         else:
             state = torch.div(x.state, m, rounding_mode="floor") + quantised
-            side = torch.remainder(x.state, m).to(torch.uint8 if m <= 256 else torch.int32)
+            side = self._store_remainders(torch.remainder(x.state, m), m)
         carrier = factor * x.value + block_out if torch.is_grad_enabled() else None
         return self._stream(state, carrier, poison), side
 
+    @staticmethod
+    def _store_remainders(remainders: torch.Tensor, m: int) -> torch.Tensor:
+        if m <= 128:
+            return pack_remainders(remainders, m)
+        return remainders.to(torch.uint8 if m <= 256 else torch.int32)
+
+    @staticmethod
+    def _load_remainders(side: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
+        if m <= 128:
+            return unpack_remainders(side, m, like)
+        return side.to(torch.int64)
+
     def split(self, y: Stream, block_out: torch.Tensor, factor: float, side) -> Stream:
+        """Consumes y: x's state is computed in place in y's state (one int64 stream less alive in backward).
+
+        The value is left undecoded (value_of decodes it when a block needs it).
+        """
         m = self.divisor(factor)
         quantised, poison = self.quantise(block_out)
-        diff = y.state - quantised
-        state = diff if m == 1 else diff * m + side.to(torch.int64)
+        state = y.state.sub_(quantised)
+        del quantised
+        if m != 1:
+            state.mul_(m).add_(self._load_remainders(side, m, state))
         # Poisoned when the recomputed block output was not finite or out of range (the forward's was not, or
-        # backward would not check): the checksum then fails, and the error can say why.
-        value = self.decode(state)
-        value.add_(poison)
-        return Stream(value, state)
+        # backward would not check): the checksum then fails, and the error can say why (value_of).
+        return Stream(None, state, poison)
+
+    def value_of(self, stream: Stream) -> torch.Tensor:
+        if stream.value is not None:
+            return stream.value
+        value = self.decode(stream.state)
+        return value if stream.poison is None else value.add_(stream.poison)
+
+    def state_only(self, stream: Stream) -> Stream:
+        return Stream(None, stream.state, stream.poison)  # the value can be decoded again: let it be freed
 
     def to_saved(self, stream: Stream) -> torch.Tensor:
         return stream.state
 
     def from_saved(self, saved: torch.Tensor) -> Stream:
-        return Stream(self.decode(saved), saved)
+        return Stream(None, saved)
 
     def checksum(self, stream: Stream, key: int) -> torch.Tensor:
         """Two int64 words: a keyed hash of the state, sum_i w_i * state_i (mod 2^64) per word.

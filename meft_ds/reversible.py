@@ -115,26 +115,70 @@ class MEFTLayer(nn.Module):
                                           self.beta)
         return ((y2, y1) if self.switched else (y1, y2)), (side1, side2)
 
-    def backward_step(self, out1: Stream, out2: Stream, dout1, dout2, sides, inputs, seeds, compute_dtype):
+    def recompute_backward(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
+                           seed: int | None, compute_dtype: torch.dtype):
+        """block(value) recomputed with autograd on and back-propagated from `grad`.
+
+        Returns (the block's output, detached; the gradient for `value`). A block with `parts` = (first,
+        second), block = second o first (a whole pretrained layer: attention, then the FFN), is done in two
+        stages so that the first part's graph (the attention maps) is not alive during the second part's
+        backward: first without grad and second with grad and its backward, drawing the forward's random
+        numbers in the forward's order; then first again, with grad, for its own backward. Costs one more
+        forward of the first part; the output is the one the forward computed, bit for bit.
+        """
+        leaf = value.detach().requires_grad_(True)
+        parts = getattr(block, "parts", None)
+        if parts is None:
+            with torch.enable_grad():
+                out = self.run_block(block, leaf, inputs, seed, compute_dtype)
+                torch.autograd.backward(out, grad)
+            return out.detach(), leaf.grad
+        first, second = parts
+        with seeded_rng(seed, value.device):
+            with torch.no_grad():
+                middle = first(self, value.to(compute_dtype), inputs)
+            with torch.enable_grad():
+                middle = middle.requires_grad_(True)
+                out = second(self, middle, inputs).to(value.dtype)
+                torch.autograd.backward(out, grad)
+        middle_grad = middle.grad
+        del middle
+        with seeded_rng(seed, value.device), torch.enable_grad():
+            torch.autograd.backward(first(self, leaf.to(compute_dtype), inputs), middle_grad)
+        return out.detach(), leaf.grad
+
+    def backward_step(self, carry: list, sides, inputs, seeds, compute_dtype):
         """Rebuild this layer's input from its output and propagate gradients, eqs. (3)-(7).
 
+        `carry` = [out1, out2, dout1, dout2] (the output streams and their gradients) is consumed: it is
+        emptied, and every tensor is dropped once used, so that only what the next line needs is alive
+        while F or G is recomputed and back-propagated (the peak of the whole step). The splits rebuild
+        each input stream in the storage of the output stream it comes from. Returns x1, x2, dx1, dx2.
         Parameter gradients are produced with torch.autograd.backward so that they arrive through
         the same accumulation hooks DeepSpeed/DDP use (DEEPSPEED.md rule 2).
         """
+        coupling = self.coupling
+        out1, out2, dout1, dout2 = carry
+        carry.clear()
         y1, y2, dy1, dy2 = (out2, out1, dout2, dout1) if self.switched else (out1, out2, dout1, dout2)
-        with torch.enable_grad():
-            y1_leaf = y1.value.detach().requires_grad_(True)
-            g_out = self.run_block(self.g, y1_leaf, inputs, seeds[1], compute_dtype)
-            torch.autograd.backward(g_out, dy2)
-        dy1_total = dy1 + y1_leaf.grad                                            # (5)
-        x2 = self.coupling.split(y2, g_out.detach(), self.beta, sides[1])          # (3)
-        with torch.enable_grad():
-            x2_leaf = x2.value.detach().requires_grad_(True)
-            f_out = self.run_block(self.f, x2_leaf, inputs, seeds[0], compute_dtype)
-            torch.autograd.backward(f_out, dy1_total)
-        dx2 = self.beta * dy2 + x2_leaf.grad                                       # (6)
-        x1 = self.coupling.split(y1, f_out.detach(), self.lam, sides[0])           # (4)
-        dx1 = self.lam * dy1_total                                                 # (7)
+        del out1, out2, dout1, dout2
+        y2 = coupling.state_only(y2)
+        y1_value = coupling.value_of(y1)
+        y1 = coupling.state_only(y1)
+        g_out, y1_grad = self.recompute_backward(self.g, y1_value, dy2, inputs, seeds[1], compute_dtype)
+        del y1_value
+        dy1_total = y1_grad.add_(dy1)                                              # (5)
+        del y1_grad, dy1
+        x2 = coupling.split(y2, g_out, self.beta, sides[1])                        # (3)
+        del y2, g_out
+        beta_dy2 = dy2 if self.beta == 1.0 else self.beta * dy2
+        del dy2
+        x2 = Stream(coupling.value_of(x2), x2.state)
+        f_out, x2_grad = self.recompute_backward(self.f, x2.value, dy1_total, inputs, seeds[0], compute_dtype)
+        dx2 = x2_grad.add_(beta_dy2)                                               # (6)
+        del x2_grad, beta_dy2
+        x1 = coupling.split(y1, f_out, self.lam, sides[0])                         # (4)
+        dx1 = dy1_total if self.lam == 1.0 else dy1_total.mul_(self.lam)           # (7)
         return x1, x2, dx1, dx2
 
 
@@ -162,6 +206,9 @@ class ReversibleFunction(torch.autograd.Function):
     require grad (e.g. a decoder's encoder_hidden_states) get their gradient. Parameters are never
     inputs of this Function (DEEPSPEED.md rule 3). Returns the top streams' values and, for the exact
     arithmetic, their integer states (not differentiable) so that cached layers above continue exactly.
+    Backward rebuilds every layer's input in place in the storage of the saved top streams (which the
+    returned values/states share): they are not to be read after backward; a second backward through
+    the same graph (retain_graph) fails loudly on autograd's version check instead of using them.
     """
 
     @staticmethod
@@ -179,6 +226,8 @@ class ReversibleFunction(torch.autograd.Function):
             (x1, x2), layer_sides = layer(x1, x2, inputs, seeds, run.compute_dtype)
             sides.extend(layer_sides)
         ctx.run = run
+        # The integer states get no gradient: without this, autograd would allocate int64 zeros for them.
+        ctx.set_materialize_grads(False)
         ctx.autocast = _autocast_state(x1.value.device.type)
         ctx.side_present = [side is not None for side in sides]
         ctx.num_inputs = len(input_tensors)
@@ -200,6 +249,9 @@ class ReversibleFunction(torch.autograd.Function):
         coupling = run.coupling
         saved = ctx.saved_tensors
         out1, out2 = coupling.from_saved(saved[0]), coupling.from_saved(saved[1])
+        # Streams the loss does not depend on get no gradient (materialize_grads is off): zeros.
+        dx1 = torch.zeros(saved[0].shape, dtype=coupling.value_dtype, device=saved[0].device) if dx1 is None else dx1
+        dx2 = torch.zeros(saved[1].shape, dtype=coupling.value_dtype, device=saved[1].device) if dx2 is None else dx2
         input_tensors = saved[2: 2 + ctx.num_inputs]
         rest = iter(saved[2 + ctx.num_inputs:])
         sides = [next(rest) if present else None for present in ctx.side_present]
@@ -210,12 +262,18 @@ class ReversibleFunction(torch.autograd.Function):
             if not torch.isfinite(next(rest)).all():
                 checksums = []
         kept = list(rest)
-        worst = torch.zeros((), dtype=torch.float64, device=dx1.device)
+        del saved
+        device = dx1.device
+        worst = torch.zeros((), dtype=torch.float64, device=device)
         leaves = [t.detach().requires_grad_(True) if need else t.detach()
                   for t, need in zip(input_tensors, ctx.needs_input_grad[3:])]
         inputs = run.rebuild(leaves)
+        # backward_step empties `carry` and refills it through its return value, so no stale stream
+        # or gradient stays referenced here while a layer is recomputed.
+        carry = [out1, out2, dx1, dx2]
+        del out1, out2, dx1, dx2
         with _restored_autocast(ctx.autocast):
-            now = _autocast_state(dx1.device.type)
+            now = _autocast_state(device.type)
             if checksums and now != ctx.autocast:
                 # With bf16 weights the recomputed values can still match bit for bit while the backward of F
                 # and G runs in other dtypes (gradients off by ~0.4%): the checksum alone would not see it.
@@ -225,19 +283,19 @@ class ReversibleFunction(torch.autograd.Function):
                     "was aborted: zero the gradients and do not step the optimizer.")
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
-                out1, out2, dx1, dx2 = layer.backward_step(out1, out2, dx1, dx2, sides[2 * i: 2 * i + 2],
-                                                           inputs, seeds, run.compute_dtype)
+                carry = list(layer.backward_step(carry, sides[2 * i: 2 * i + 2], inputs, seeds, run.compute_dtype))
                 if run.after_layer_backward is not None:
                     run.after_layer_backward(layer)
+                out1, out2 = carry[0], carry[1]
                 if kept:
-                    rebuilt = torch.stack([out1.value, out2.value]).double()
+                    rebuilt = torch.stack([coupling.value_of(out1), coupling.value_of(out2)]).double()
                     error = (rebuilt - kept[i]).norm() / kept[i].double().norm().clamp_min(1e-30)
                     worst = torch.maximum(worst, error)
                 if checksums:
                     key = _checksum_key(seeds)
                     rebuilt = torch.stack([coupling.checksum(out1, key), coupling.checksum(out2, key)])
                     if not torch.equal(rebuilt, checksums[i]):
-                        first = [x.value[(0,) * x.value.dim()] for x in (out1, out2)]
+                        first = [coupling.value_of(x)[(0,) * x.state.dim()] for x in (out1, out2)]
                         cause = ("the recomputed F or G output was not finite or out of range"
                                  if not torch.isfinite(torch.stack(first)).all() else
                                  "the recomputation of F or G was not bit-identical to the forward (RNG, autocast, "
@@ -247,6 +305,8 @@ class ReversibleFunction(torch.autograd.Function):
                             f"the forward's (checksum mismatch): {cause}. This backward was aborted: gradients of "
                             "the layers above are incomplete, so zero them and do not step the optimizer."
                         )
+                del out1, out2
+        dx1, dx2 = carry[2], carry[3]
         if kept:
             run.report(worst.item())
         input_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]

@@ -37,7 +37,7 @@ def record_reconstructions(monkeypatch):
 
     def backward_step(self, *args):
         x1, x2, dx1, dx2 = original_step(self, *args)
-        rebuilt[id(self)] = (x1.state, x2.state)
+        rebuilt[id(self)] = (x1.state.clone(), x2.state.clone())  # later layers rebuild in place
         return x1, x2, dx1, dx2
 
     monkeypatch.setattr(MEFTLayer, "forward", forward)
@@ -156,3 +156,48 @@ def test_reconstruction_error_diagnostic(arithmetic):
     error = stack.last_reconstruction_error
     assert (error == 0.0) if arithmetic == "exact" else error > 1e-9, error
     assert all(torch.equal(plain[n], measured[n]) for n in plain)
+
+
+@pytest.mark.parametrize("m", [2, 3, 8, 10, 16, 100, 128])
+def test_packed_remainders_round_trip(m):
+    """ceil(log2 m)-bit packing of x mod m is lossless, also for a size that is not a multiple of 8."""
+    from meft_ds.coupling import pack_remainders, unpack_remainders
+
+    remainders = torch.randint(0, m, (3, 7, 5), dtype=torch.int64)
+    packed = pack_remainders(remainders, m)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-remainders.numel() // 8) * (m - 1).bit_length()
+    assert torch.equal(unpack_remainders(packed, m, remainders), remainders)
+
+
+@pytest.mark.parametrize("lam", [0.125, 0.1])
+def test_exact_reconstruction_with_lam_one_eighth(monkeypatch, lam):
+    """lam = 1/8 (3-bit remainders, division a shift) reconstructs bit-exactly, like the default 0.1."""
+    model = exact_model("bert", tf.BertForSequenceClassification, "meft3", 12, torch.float32, lam=lam, beta=lam)
+    forward_inputs, rebuilt = record_reconstructions(monkeypatch)
+    embedding_grad_step(model, make_batch(model, batch_size=2, seq_len=8), "reversible")
+    assert len(forward_inputs) == len(rebuilt) == 12
+    for key, (x1, x2) in forward_inputs.items():
+        assert torch.equal(rebuilt[key][0], x1) and torch.equal(rebuilt[key][1], x2)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_exact_reconstruction_with_and_without_split_layer_recompute(monkeypatch, split):
+    model = exact_model("opt", tf.OPTForCausalLM, "meft1", 12, torch.float32, split_layer_recompute=split)
+    forward_inputs, rebuilt = record_reconstructions(monkeypatch)
+    embedding_grad_step(model, make_batch(model, batch_size=2, seq_len=8), "reversible")
+    assert len(forward_inputs) == len(rebuilt) == 12
+    for key, (x1, x2) in forward_inputs.items():
+        assert torch.equal(rebuilt[key][0], x1) and torch.equal(rebuilt[key][1], x2)
+
+
+@pytest.mark.parametrize("arithmetic", ["exact", "float"])
+def test_second_backward_through_the_same_graph_fails_loudly(arithmetic):
+    """Backward rebuilds the layer inputs in place in the saved top streams: a retained graph cannot be
+    back-propagated twice silently with the overwritten streams."""
+    model = build("bert", tf.BertForSequenceClassification, num_layers=2, dtype=torch.float32)
+    make_reversible(model, MEFTConfig(stream_arithmetic=arithmetic))
+    model.train()
+    loss = model(**make_batch(model, batch_size=2, seq_len=8)).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

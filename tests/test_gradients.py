@@ -68,3 +68,13 @@ def test_reversible_mode_uses_the_function_and_vanilla_does_not():
     set_backward(model, "vanilla")
     assert "ReversibleFunctionBackward" not in graph_node_names(model(**batch).loss)
 
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft2"])
+@pytest.mark.parametrize("model_type,head", [MODEL_CASES[0], MODEL_CASES[6]], ids=[CASE_IDS[0], CASE_IDS[6]])
+def test_whole_layer_recomputed_in_one_stage_too(model_type, head, variant):
+    """split_layer_recompute=False (attention and FFN recomputed together) gives the same gradients."""
+    model = build(model_type, head)
+    make_reversible(model, MEFTConfig(variant=variant, stream_dtype="float64", adapter_dropout=0.1,
+                                      split_layer_recompute=False))
+    assert assert_same_gradients(model, make_batch(model)) >= 3

@@ -58,14 +58,15 @@ def test_cached_layers_on_top_cost_memory_again():
 
 
 @pytest.mark.parametrize("variant,buffers_per_layer", [("meft1", 1), ("meft2", 1), ("meft3", 2)])
-def test_exact_arithmetic_costs_one_byte_per_element_per_divided_stream(variant, buffers_per_layer):
-    """The exact arithmetic keeps x mod m (uint8) for every factor 1/m != 1, plus a 32-byte checksum per
-    layer: saved bytes grow by exactly that with depth, nothing else."""
+def test_exact_arithmetic_costs_log2_m_bits_per_element_per_divided_stream(variant, buffers_per_layer):
+    """The exact arithmetic keeps x mod m for every factor 1/m != 1, bit-packed (4 bits for m = 10), plus a
+    32-byte checksum per layer: saved bytes grow by exactly that with depth, nothing else."""
     batch_size, seq_len, hidden = 4, 32, 16
     sizes = {}
     for depth in (4, 16):
         model = build("bert", tf.BertForSequenceClassification, num_layers=depth, dtype=torch.float32)
         make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic="exact"))
         sizes[depth] = saved_bytes(model, make_batch(model, batch_size, seq_len), "reversible")
-    per_layer = buffers_per_layer * batch_size * seq_len * hidden + 2 * 2 * 8
+    elements = batch_size * seq_len * hidden
+    per_layer = buffers_per_layer * elements * 4 // 8 + 2 * 2 * 8
     assert sizes[16] - sizes[4] == 12 * per_layer, sizes
