@@ -8,7 +8,7 @@ from transformers.activations import ACT2FN
 
 
 class Adapter(nn.Module):
-    """Linear(d, r) -> activation -> dropout -> Linear(r, d); no internal residual (METHOD.md, "Adapters")."""
+    """Linear(d, r) -> activation -> dropout -> Linear(r, d); no internal residual (docs/method.md)."""
 
     def __init__(self, hidden_size: int, adapter_dim: int, activation: str, dropout: float, init: str, init_std: float):
         super().__init__()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# lam and beta per variant, from the reference setup (METHOD.md, "The three variants").
+# lam and beta per variant, from the reference setup (docs/method.md, "the three variants").
 VARIANT_FACTORS = {
     "meft1": (0.1, 1.0),
     "meft2": (1.0, 0.1),
@@ -31,7 +31,7 @@ class MEFTConfig:
     Checks that need the model (e.g. more frozen layers than it has) happen in `make_reversible`.
     """
 
-    variant: str = field(default="meft1", metadata={"help": "meft1 | meft2 | meft3 (METHOD.md table)."})
+    variant: str = field(default="meft1", metadata={"help": "meft1 | meft2 | meft3 (docs/method.md table)."})
     adapter_dim: int = field(default=8, metadata={"help": "Bottleneck width r of every adapter."})
     lam: float | None = field(
         default=None, metadata={"help": "Factor on stream x1 (y1 = lam*x1 + F(x2)); None = variant default."}

@@ -41,7 +41,7 @@ class _Block:
 
 # variant -> (F kind, G kind, streams switched, index of the stream carrying the last pretrained block)
 # MEFT1: y1 = F(x2) is the pretrained layer and is passed on as x2; MEFT2: y2 = G(y1) is, passed on as x1;
-# MEFT3: y2 = FFN block output, passed on unswitched as x2 (METHOD.md, "The three variants").
+# MEFT3: y2 = FFN block output, passed on unswitched as x2 (docs/method.md, "the three variants").
 _VARIANTS = {
     "meft1": ("layer", "adapter", True, 1),
     "meft2": ("adapter", "layer", True, 0),

@@ -155,7 +155,7 @@ class MEFTLayer(nn.Module):
         while F or G is recomputed and back-propagated (the peak of the whole step). The splits rebuild
         each input stream in the storage of the output stream it comes from. Returns x1, x2, dx1, dx2.
         Parameter gradients are produced with torch.autograd.backward so that they arrive through
-        the same accumulation hooks DeepSpeed/DDP use (DEEPSPEED.md rule 2).
+        the same accumulation hooks DeepSpeed/DDP use (docs/method.md, ZeRO rule 2).
         """
         coupling = self.coupling
         out1, out2, dout1, dout2 = carry
@@ -204,7 +204,7 @@ class ReversibleFunction(torch.autograd.Function):
     streams, the tensors among the layer inputs (masks, rotary tables, encoder states) and, for the
     exact arithmetic, each layer's remainders and input checksums. Tensors among the layer inputs that
     require grad (e.g. a decoder's encoder_hidden_states) get their gradient. Parameters are never
-    inputs of this Function (DEEPSPEED.md rule 3). Returns the top streams' values and, for the exact
+    inputs of this Function (docs/method.md, ZeRO rule 3). Returns the top streams' values and, for the exact
     arithmetic, their integer states (not differentiable) so that cached layers above continue exactly.
     Backward rebuilds every layer's input in place in the storage of the saved top streams (which the
     returned values/states share): they are not to be read after backward; a second backward through
@@ -391,7 +391,7 @@ class MEFTStack(nn.Module):
         if differentiable and self.backward_mode == "reversible" and len(reversible) > 0:
             if not h.requires_grad:
                 # Nothing below needs grad (frozen embeddings / frozen layers); the Function must still
-                # run its backward, so its input requires grad instead of a dummy parameter (METHOD.md).
+                # run its backward, so its input requires grad instead of a dummy parameter (docs/method.md, ZeRO rule 3).
                 h = h.detach().requires_grad_(True)
             split = _Inputs(inputs)
             run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,

@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

@@ -11,7 +11,7 @@ import transformers as tf
 from conftest import build, make_batch
 from helpers import embedding_grad_step
 from meft_ds import MEFTConfig, make_reversible
-from meft_ds.coupling import ExactCoupling, Stream, representable_magnitude
+from meft_ds.coupling import ExactCoupling, representable_magnitude
 from meft_ds.reversible import MEFTStack
 
 BAD_VALUES = {"nan": float("nan"), "inf": float("inf"), "overflow": 1e30}

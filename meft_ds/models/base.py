@@ -2,7 +2,7 @@
 
 A family implements `attention` (the attention block with its residual and norm) and `ffn` (the
 feed-forward block with its residual and norm, plus an optional parallel adapter on its input), using
-the layer's own submodules so that DeepSpeed ZeRO-3 gathers their weights (DEEPSPEED.md rule 1).
+the layer's own submodules so that DeepSpeed ZeRO-3 gathers their weights (docs/method.md, ZeRO rule 1).
 A full layer is `ffn(attention(h))`; tests check that this equals the original layer exactly.
 """
 

@@ -54,7 +54,7 @@ class RunArgs:
     method: str = field(default="meft", metadata=_help(
         "meft: reversible adapters (make_reversible); lora: PEFT LoRA on the attention projections "
         "(r = --adapter_dim, alpha = 2r) plus the task head; full: every weight trained.", choices=METHODS))
-    variant: str = field(default="meft1", metadata=_help("MEFT variant (docs: METHOD.md).",
+    variant: str = field(default="meft1", metadata=_help("MEFT variant (docs/method.md).",
                                                          choices=tuple(VARIANT_FACTORS)))
     adapter_dim: int = field(default=8, metadata=_help("Adapter bottleneck width r (also the LoRA rank)."))
     lam: float | None = field(default=None, metadata=_help("MEFT factor lam on stream x1; default: the variant's."))

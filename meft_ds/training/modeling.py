@@ -15,7 +15,7 @@ from ..config import MEFTConfig
 __all__ = ["ModelRecipe", "build_model", "make_recipe", "load_tokenizer", "default_num_frozen_layers", "param_groups",
            "check_sequence_length", "num_parameters", "release_weights_after_recompute"]
 
-# Deep decoders: the reference work keeps the lowest layers frozen (METHOD.md, "Deep models").
+# Deep decoders: the reference work keeps the lowest layers frozen (docs/method.md, "Deep models").
 FROZEN_SHARE_MODEL_TYPES = ("opt", "llama", "mistral")
 FROZEN_SHARE_DIVISOR = 3
 
