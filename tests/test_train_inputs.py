@@ -70,6 +70,8 @@ def test_defaults_are_the_offline_model_and_the_sst2_sample():
     ({"lm": True}, "--lm"),
     ({"method": "lora", "num_frozen_layers": 2}, "--num_frozen_layers applies to --method meft only"),
     ({"method": "full", "num_frozen_layers": 0}, "--num_frozen_layers applies to --method meft only"),
+    ({"lam": 0.3}, r"--lam=0.3 is not 1/m"),  # MEFTConfig's check, before any weight is loaded
+    ({"frac_bits": 50}, r"--frac_bits=50 must be an integer in \[8, 45\]"),
 ])
 def test_invalid_settings_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -175,7 +175,10 @@ class RunArgs(_MEFTFlags):
             raise ValueError(f"--num_frozen_layers applies to --method meft only (layers kept frozen below the "
                              f"reversible stack); --method {self.method} adapts every layer: drop the flag.")
         if self.method == "meft":
-            self.meft_config()  # its ValueError names the field and the valid values
+            try:
+                self.meft_config()
+            except ValueError as error:  # MEFTConfig names the field and the valid values; the flag has its name
+                raise ValueError(str(error).replace("MEFTConfig.", "--")) from None
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are both set; pick one precision.")
         if not 0.0 <= self.warmup_ratio < 1.0:
