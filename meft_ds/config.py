@@ -25,13 +25,15 @@ MIN_FRAC_BITS, MAX_FRAC_BITS = 8, 45
 
 @dataclass
 class MEFTConfig:
-    """How a pretrained model is made reversible.
+    """How a pretrained model is made reversible. The launcher's MEFT flags are these fields (help text,
+    default and choices from the metadata), so a new field is a new flag.
 
     Raises ValueError on any invalid value, naming the field and what would be valid.
     Checks that need the model (e.g. more frozen layers than it has) happen in `make_reversible`.
     """
 
-    variant: str = field(default="meft1", metadata={"help": "meft1 | meft2 | meft3 (docs/method.md table)."})
+    variant: str = field(default="meft1", metadata={"help": "meft1 | meft2 | meft3 (docs/method.md table).",
+                                                    "choices": tuple(VARIANT_FACTORS)})
     adapter_dim: int = field(default=8, metadata={"help": "Bottleneck width r of every adapter."})
     lam: float | None = field(
         default=None, metadata={"help": "Factor on stream x1 (y1 = lam*x1 + F(x2)); None = variant default."}
@@ -39,9 +41,11 @@ class MEFTConfig:
     beta: float | None = field(
         default=None, metadata={"help": "Factor on stream x2 (y2 = beta*x2 + G(y1)); None = variant default."}
     )
-    num_frozen_layers: int = field(
-        default=0,
-        metadata={"help": "Lowest layers of each stack kept as original frozen layers, run without gradient."},
+    num_frozen_layers: int | None = field(
+        default=None,
+        metadata={"help": "Lowest layers of each stack kept as original frozen layers, run without gradient. "
+                  "None = the model family's default (meft_ds.models): 0 for BERT, RoBERTa and BART; a third of "
+                  "the layers, rounded down, for OPT, LLaMA and Mistral; 0 converts every layer."},
     )
     num_reversible_layers: int | None = field(
         default=None,
@@ -53,17 +57,20 @@ class MEFTConfig:
     adapter_init: str = field(
         default="normal",
         metadata={"help": "normal: both adapter matrices N(0, adapter_init_std^2) (reference); "
-                  "zero_up: up-projection zero, so the converted model starts exactly at its streams' value."},
+                  "zero_up: up-projection zero, so the converted model starts exactly at its streams' value.",
+                  "choices": ADAPTER_INITS},
     )
     adapter_init_std: float = field(default=0.02, metadata={"help": "Std of the normal adapter init."})
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout inside each adapter."})
     stream_dtype: str = field(
-        default="float32", metadata={"help": "dtype the two streams and the coupling arithmetic use: float32 | float64."}
+        default="float32", metadata={"help": "dtype the two streams and the coupling arithmetic use: float32 | float64.",
+                                     "choices": tuple(STREAM_DTYPES)}
     )
     stream_arithmetic: str = field(
         default="exact",
         metadata={"help": "exact: int64 fixed-point streams with kept remainders, bit-exact reconstruction at "
-                  "any depth (lam and beta must be 1/m, m an integer); float: the paper's arithmetic."},
+                  "any depth (lam and beta must be 1/m, m an integer); float: the paper's arithmetic.",
+                  "choices": STREAM_ARITHMETICS},
     )
     frac_bits: int = field(
         default=32, metadata={"help": "Fractional bits of the exact fixed-point streams: resolution 2^-frac_bits, "
@@ -79,7 +86,8 @@ class MEFTConfig:
     )
     backward: str = field(
         default="reversible",
-        metadata={"help": "reversible: rebuild inputs in backward; vanilla: ordinary cached autograd (same weights)."},
+        metadata={"help": "reversible: rebuild inputs in backward; vanilla: ordinary cached autograd (same weights).",
+                  "choices": BACKWARD_MODES},
     )
 
     def __post_init__(self):
@@ -98,8 +106,11 @@ class MEFTConfig:
                 )
         if not isinstance(self.adapter_dim, int) or self.adapter_dim < 1:
             raise ValueError(f"MEFTConfig.adapter_dim={self.adapter_dim!r} must be a positive integer (e.g. 8).")
-        if not isinstance(self.num_frozen_layers, int) or self.num_frozen_layers < 0:
-            raise ValueError(f"MEFTConfig.num_frozen_layers={self.num_frozen_layers!r} must be an integer >= 0.")
+        if self.num_frozen_layers is not None and (
+            not isinstance(self.num_frozen_layers, int) or self.num_frozen_layers < 0
+        ):
+            raise ValueError(f"MEFTConfig.num_frozen_layers={self.num_frozen_layers!r} must be None (the family "
+                             "default) or an integer >= 0.")
         if self.num_reversible_layers is not None and (
             not isinstance(self.num_reversible_layers, int) or self.num_reversible_layers < 0
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -78,7 +79,8 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
     """Convert `model` in place into a MEFT model and return it.
 
     Every layer list of the model (BART: encoder and decoder, each on its own) becomes one MEFTStack:
-    its lowest `num_frozen_layers` layers stay original and run without gradient, the next
+    its lowest `num_frozen_layers` layers (None: the family's default, meft_ds.models; `model.meft_config`
+    records the number used) stay original and run without gradient, the next
     `num_reversible_layers` become reversible MEFT layers and the rest cached MEFT layers.
     Afterwards only adapters, the stream mix and the task head require grad, and the model's
     save_pretrained writes the adapter directory (meft_ds.adapter_io) while its gradient-checkpointing
@@ -94,6 +96,8 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
     family = family_for(model)
     model_config = model.config
     family.check_config(model_config)
+    if config.num_frozen_layers is None:
+        config = dataclasses.replace(config, num_frozen_layers=family.default_num_frozen_layers(model_config))
     sites = family.sites(model)
     for site in sites:
         num_layers = len(getattr(site.parent, site.attribute))

@@ -113,7 +113,9 @@ def test_launcher_recipe_and_save_pretrained_write_the_same_record(bert_dir, tmp
     """One schema: a model built from a launcher-style recipe, saved with save_pretrained, records that recipe."""
     from transformers import AutoConfig
 
-    recipe = ModelRecipe("meft", str(bert_dir), "classification", 2, meft_config=MEFTConfig(variant="meft2").to_dict(),
+    # The launcher's recipe records the number of frozen layers (make_recipe resolves the family default).
+    meft_config = MEFTConfig(variant="meft2", num_frozen_layers=0).to_dict()
+    recipe = ModelRecipe("meft", str(bert_dir), "classification", 2, meft_config=meft_config,
                          pad_token_id=0, base_model_config=base_fingerprint(AutoConfig.from_pretrained(bert_dir)))
     model = build_model(recipe)
     model.save_pretrained(str(tmp_path / "a"))

@@ -47,6 +47,17 @@ def test_too_many_frozen_or_reversible_layers():
                         MEFTConfig(num_frozen_layers=1, num_reversible_layers=3))
 
 
+@pytest.mark.parametrize("model_type,head,frozen", [("opt", tf.OPTForCausalLM, 2), ("llama", tf.LlamaForCausalLM, 2),
+                                                    ("bert", tf.BertForSequenceClassification, 0)])
+def test_python_api_uses_the_family_default_frozen_layers(model_type, head, frozen):
+    """num_frozen_layers=None (the default): a third of a decoder's layers frozen, none of an encoder's; the
+    model records the number it used."""
+    model = make_reversible(build(model_type, head, num_layers=6), MEFTConfig())
+    assert model.meft_config.num_frozen_layers == frozen
+    (stack,) = [m for m in model.modules() if hasattr(m, "meft_layers")]
+    assert len(stack.meft_layers) == 6 - frozen
+
+
 def test_model_left_untouched_when_conversion_is_refused():
     model = build("bert", tf.BertForSequenceClassification)
     before = {n: p.clone() for n, p in model.state_dict().items()}

@@ -29,7 +29,7 @@ NOT_IDENTICAL = "not bit-identical"
 
 def tiny_exact_llama(variant: str, dtype: torch.dtype):
     model = build("llama", tf.LlamaForCausalLM, num_layers=NUM_LAYERS, dtype=dtype)
-    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic="exact", adapter_dropout=0.1))
+    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic="exact", adapter_dropout=0.1, num_frozen_layers=0))
     return model, next(m for m in model.modules() if isinstance(m, MEFTStack))
 
 

@@ -59,7 +59,7 @@ def test_attention_then_ffn_equals_original_layer(model_type, head, training):
 def test_only_adapters_mix_and_head_train(model_type, head, variant):
     model = build(model_type, head)
     original = {n for n, _ in model.named_parameters()}
-    make_reversible(model, MEFTConfig(variant=variant))
+    make_reversible(model, MEFTConfig(variant=variant, num_frozen_layers=0))
     heads = ("classifier.", "score.", "qa_outputs.", "classification_head.")
     for name, param in model.named_parameters():
         is_adapter = ".adapter." in name or "meft_ffn_adapter." in name
@@ -77,7 +77,7 @@ def test_only_adapters_mix_and_head_train(model_type, head, variant):
 
 def test_eval_mode_runs_plain_forward_and_matches_training_function():
     model = build("opt", tf.OPTForCausalLM)
-    make_reversible(model, MEFTConfig(stream_dtype="float64"))
+    make_reversible(model, MEFTConfig(stream_dtype="float64", num_frozen_layers=0))
     batch = make_batch(model)
     model.eval()
     with torch.enable_grad():
@@ -103,7 +103,7 @@ def test_eval_mode_runs_plain_forward_and_matches_training_function():
 def test_generation_with_cache_after_conversion(model_type, head):
     """In eval mode the key/value cache passes through, so generation works and matches no-cache decoding."""
     model = build(model_type, head, dtype=torch.float32)
-    make_reversible(model, MEFTConfig(variant="meft3"))
+    make_reversible(model, MEFTConfig(variant="meft3", num_frozen_layers=0))
     model.eval()
     ids = make_batch(model, batch_size=1)["input_ids"][:, :5]
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=1)

@@ -20,7 +20,7 @@ BAD_VALUES = {"nan": float("nan"), "inf": float("inf"), "overflow": 1e30}
 def llama_with_bad_f_output(variant: str, arithmetic: str, bad: float, layer: int = 1):
     """A 4-layer tiny LLaMA whose MEFT layer `layer` puts `bad` into one element of its F output."""
     model = build("llama", tf.LlamaForCausalLM, num_layers=4, dtype=torch.float32)
-    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic=arithmetic))
+    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic=arithmetic, num_frozen_layers=0))
     target = next(m for m in model.modules() if isinstance(m, MEFTStack)).meft_layers[layer]
     original_f = target.f
 
@@ -56,7 +56,7 @@ def test_reversible_and_vanilla_agree_on_non_finite_values(variant, arithmetic, 
 def test_a_clean_model_stays_finite_in_both_modes():
     """Control for the test above: without the injected value nothing is poisoned."""
     model = build("llama", tf.LlamaForCausalLM, num_layers=4, dtype=torch.float32)
-    make_reversible(model, MEFTConfig(variant="meft1", stream_arithmetic="exact"))
+    make_reversible(model, MEFTConfig(variant="meft1", stream_arithmetic="exact", num_frozen_layers=0))
     for mode in ("vanilla", "reversible"):
         assert all_finite(*embedding_grad_step(model, make_batch(model), mode)), mode
 

@@ -3,6 +3,7 @@ DeepSpeed; and the launcher's one-line errors for bad input, which leave existin
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import json
@@ -13,11 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, OPTConfig
 
-from meft_ds.training import RunArgs, build_parser, export_adapter, find_latest_checkpoint, load_adapter_model
+from meft_ds import MEFTConfig
+from meft_ds.models import default_num_frozen_layers
+from meft_ds.training import (RunArgs, build_parser, export_adapter, find_latest_checkpoint, load_adapter_model,
+                             parse_args)
 from meft_ds.training.args import DEFAULT_DATA_DIR
 from meft_ds.training.checkpoint import TRAINER_STATE, resolve_resume_path, save_checkpoint
 from meft_ds.training.distributed import DistEnv
-from meft_ds.training.modeling import ModelRecipe, build_model, default_num_frozen_layers, param_groups
+from meft_ds.training.modeling import ModelRecipe, build_model, param_groups
 from meft_ds.training.trainer import global_batches, linear_schedule, micro_batch
 from train_helpers import free_port, launcher_command, run, save_tiny_bert
 
@@ -39,6 +43,15 @@ def test_every_issue_flag_exists_with_help():
     assert set(actions["backward"].choices) == {"reversible", "vanilla"}
 
 
+def test_every_meft_config_field_is_a_flag_with_its_default():
+    actions = {a.dest: a for a in build_parser()._actions}
+    for f in dataclasses.fields(MEFTConfig):
+        assert actions[f.name].default == f.default and actions[f.name].help.startswith(f.metadata["help"][:40])
+    args = parse_args(["--frac_bits", "40", "--no-split_layer_recompute", "--adapter_init", "zero_up"])
+    config = args.meft_config()
+    assert (config.frac_bits, config.split_layer_recompute, config.adapter_init) == (40, False, "zero_up")
+
+
 def test_defaults_are_the_offline_model_and_the_sst2_sample():
     args = RunArgs()
     assert Path(args.model_name_or_path, "config.json").is_file()
@@ -57,6 +70,8 @@ def test_defaults_are_the_offline_model_and_the_sst2_sample():
     ({"lm": True}, "--lm"),
     ({"method": "lora", "num_frozen_layers": 2}, "--num_frozen_layers applies to --method meft only"),
     ({"method": "full", "num_frozen_layers": 0}, "--num_frozen_layers applies to --method meft only"),
+    ({"lam": 0.3}, r"--lam=0.3 is not 1/m"),  # MEFTConfig's check, before any weight is loaded
+    ({"frac_bits": 50}, r"--frac_bits=50 must be an integer in \[8, 45\]"),
 ])
 def test_invalid_settings_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -188,8 +203,6 @@ def test_adapter_export_round_trip(tmp_path, method):
 
 
 def _meft_dict(values: dict) -> dict:
-    from meft_ds import MEFTConfig
-
     return MEFTConfig(**values).to_dict()
 
 

@@ -15,7 +15,15 @@ for _family in (BertFamily(), BartFamily(), OPTFamily(), LlamaFamily()):
 
 
 def family_for(model) -> Family:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _family_of(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def default_num_frozen_layers(model_config) -> int:
+    """Lowest layers kept frozen when MEFTConfig.num_frozen_layers is None: the family's frozen share."""
+    return _family_of(model_config.model_type).default_num_frozen_layers(model_config)
+
+
+def _family_of(model_type: str | None) -> Family:
     if model_type not in REGISTRY:
         raise ValueError(
             f"meft_ds cannot convert model_type={model_type!r}; supported model_types: {sorted(REGISTRY)}."
@@ -23,4 +31,4 @@ def family_for(model) -> Family:
     return REGISTRY[model_type]
 
 
-__all__ = ["Family", "StackSite", "REGISTRY", "family_for"]
+__all__ = ["Family", "StackSite", "REGISTRY", "family_for", "default_num_frozen_layers"]

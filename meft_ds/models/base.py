@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -32,6 +33,11 @@ class Family:
     model_types: tuple[str, ...] = ()
     # Task heads trained next to the adapters (the pretrained body stays frozen).
     head_names: tuple[str, ...] = ("classifier", "score", "qa_outputs", "classification_head")
+    # Share of the lowest layers kept frozen when MEFTConfig.num_frozen_layers is None (rounded down).
+    frozen_share: Fraction = Fraction(0)
+
+    def default_num_frozen_layers(self, config) -> int:
+        return int(config.num_hidden_layers * self.frozen_share)
 
     def sites(self, model: nn.Module) -> list[StackSite]:
         raise NotImplementedError

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from .base import Family, StackSite
 
 
 class LlamaFamily(Family):
     model_types = ("llama", "mistral")
+    # Deep decoders: the reference work keeps the lowest third frozen (docs/method.md, "Deep models").
+    frozen_share = Fraction(1, 3)
 
     def check_config(self, config) -> None:
         layer_types = getattr(config, "layer_types", None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from torch.nn import functional
 
 from .base import Family, StackSite, without
@@ -9,6 +11,8 @@ from .base import Family, StackSite, without
 
 class OPTFamily(Family):
     model_types = ("opt",)
+    # Deep decoders: the reference work keeps the lowest third frozen (docs/method.md, "Deep models").
+    frozen_share = Fraction(1, 3)
 
     def sites(self, model):
         return [StackSite(model.base_model.decoder, "layers", "decoder")]

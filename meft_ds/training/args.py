@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import BACKWARD_MODES, STREAM_ARITHMETICS, VARIANT_FACTORS, MEFTConfig
+from ..config import MEFTConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "sst2"
@@ -39,8 +39,15 @@ def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
 
+# One RunArgs field per MEFTConfig field, with MEFTConfig's default and help text: one definition of each.
+_MEFTFlags = dataclasses.make_dataclass("_MEFTFlags", [
+    (f.name, typing.get_type_hints(MEFTConfig)[f.name], field(default=f.default, metadata=f.metadata))
+    for f in dataclasses.fields(MEFTConfig)
+])
+
+
 @dataclass
-class RunArgs:
+class RunArgs(_MEFTFlags):
     """One training run. Raises ValueError naming the flag for any invalid or inconsistent value.
 
     Checks that touch the filesystem (missing files, a non-empty output_dir) are in `check_inputs`, which
@@ -54,24 +61,7 @@ class RunArgs:
     method: str = field(default="meft", metadata=_help(
         "meft: reversible adapters (make_reversible); lora: PEFT LoRA on the attention projections "
         "(r = --adapter_dim, alpha = 2r) plus the task head; full: every weight trained.", choices=METHODS))
-    variant: str = field(default="meft1", metadata=_help("MEFT variant (docs/method.md).",
-                                                         choices=tuple(VARIANT_FACTORS)))
-    adapter_dim: int = field(default=8, metadata=_help("Adapter bottleneck width r (also the LoRA rank)."))
-    lam: float | None = field(default=None, metadata=_help("MEFT factor lam on stream x1; default: the variant's."))
-    beta: float | None = field(default=None, metadata=_help("MEFT factor beta on stream x2; default: the variant's."))
-    num_frozen_layers: int | None = field(default=None, metadata=_help(
-        "Lowest layers of each stack kept frozen and run without gradient (MEFT). Default: 0 for BERT, RoBERTa "
-        "and BART; for OPT and LLaMA a third of the layers (num_hidden_layers // 3), which keeps the float "
-        "error of the reversible stack small on deep decoders; pass 0 to convert every layer."))
-    num_reversible_layers: int | None = field(default=None, metadata=_help(
-        "MEFT layers (above the frozen ones) that use the reversible backward; the rest use cached backprop. "
-        "Default: all."))
-    stream_arithmetic: str = field(default=MEFTConfig.stream_arithmetic, metadata=_help(
-        "MEFT stream arithmetic: exact (fixed point with kept remainders: bit-exact reconstruction at any depth; "
-        "lam and beta must be 1/m) or float (the paper's).", choices=STREAM_ARITHMETICS))
-    backward: str = field(default="reversible", metadata=_help(
-        "How MEFT layers are differentiated: reversible (inputs rebuilt in backward) or vanilla (cached).",
-        choices=BACKWARD_MODES))
+    # The MEFT settings (variant, adapter_dim -- also the LoRA rank --, lam, ...) come from _MEFTFlags.
 
     # --- data
     task_name: str | None = field(default=None, metadata=_help(
@@ -184,6 +174,11 @@ class RunArgs:
             # would make MEFT-vs-LoRA comparisons wrong without anyone noticing.
             raise ValueError(f"--num_frozen_layers applies to --method meft only (layers kept frozen below the "
                              f"reversible stack); --method {self.method} adapts every layer: drop the flag.")
+        if self.method == "meft":
+            try:
+                self.meft_config()
+            except ValueError as error:  # MEFTConfig names the field and the valid values; the flag has its name
+                raise ValueError(str(error).replace("MEFTConfig.", "--")) from None
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are both set; pick one precision.")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -230,6 +225,10 @@ class RunArgs:
                 f"--output_dir {self.output_dir} is not empty. Pass --overwrite_output_dir to write into it, "
                 "--resume_from_checkpoint latest (or auto) to continue its run, or choose another directory.")
 
+    def meft_config(self) -> MEFTConfig:
+        """The MEFTConfig of these flags (num_frozen_layers None = the family default, resolved on conversion)."""
+        return MEFTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MEFTConfig)})
+
     def learning_rate_default(self) -> float:
         return DEFAULT_LEARNING_RATE[self.method]
 
@@ -251,20 +250,28 @@ def _flag_type(annotation) -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per RunArgs field; bool fields are switches (given = True, absent = the field default)."""
+    """One flag per RunArgs field; bool fields are switches (given = True, absent = the field default; a field
+    that defaults to True also gets --no-<name>)."""
     parser = argparse.ArgumentParser(
         description="Fine-tune a pretrained transformer with MEFT (or LoRA / full) under DeepSpeed.")
+    meft_group = parser.add_argument_group(
+        "MEFT settings", "MEFTConfig's fields (meft_ds/config.py), used with --method meft; --adapter_dim is also "
+        "the LoRA rank.")
+    meft_fields = {f.name for f in dataclasses.fields(MEFTConfig)}
     hints = typing.get_type_hints(RunArgs)
     for f in dataclasses.fields(RunArgs):
+        group = meft_group if f.name in meft_fields else parser
         kind = _flag_type(hints[f.name])
-        text = f.metadata["help"]
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help texts with %
         if "Default" not in text and f.default is not None:
             text += f" Default: {f.default}."
         options = {"default": f.default, "help": text}
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", **options)
+            # A switch that is on by default also needs its --no- form.
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            group.add_argument(f"--{f.name}", action=action, **options)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), **options)
+            group.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), **options)
     return parser
 
 

@@ -7,17 +7,15 @@ record `save_pretrained` of a converted model writes, so `load_adapter_model` re
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from ..adapter_io import ModelRecipe, base_fingerprint, build_model
-from ..config import MEFTConfig
+from ..models import default_num_frozen_layers
 
-__all__ = ["ModelRecipe", "build_model", "make_recipe", "load_tokenizer", "default_num_frozen_layers", "param_groups",
-           "check_sequence_length", "num_parameters", "release_weights_after_recompute"]
-
-# Deep decoders: the reference work keeps the lowest layers frozen (docs/method.md, "Deep models").
-FROZEN_SHARE_MODEL_TYPES = ("opt", "llama", "mistral")
-FROZEN_SHARE_DIVISOR = 3
+__all__ = ["ModelRecipe", "build_model", "make_recipe", "load_tokenizer", "param_groups", "check_sequence_length",
+           "num_parameters", "release_weights_after_recompute"]
 
 
 def load_tokenizer(name_or_path: str):
@@ -28,13 +26,6 @@ def load_tokenizer(name_or_path: str):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def default_num_frozen_layers(model_config) -> int:
-    """0 for encoders; a third of the layers (rounded down) for OPT and LLaMA-family decoders."""
-    if model_config.model_type in FROZEN_SHARE_MODEL_TYPES:
-        return model_config.num_hidden_layers // FROZEN_SHARE_DIVISOR
-    return 0
 
 
 def check_sequence_length(model_config, max_seq_length: int) -> None:
@@ -54,14 +45,11 @@ def make_recipe(args, spec, tokenizer) -> ModelRecipe:
     base_config = AutoConfig.from_pretrained(args.model_name_or_path)
     meft_config = None
     if args.method == "meft":
-        num_frozen = args.num_frozen_layers
-        if num_frozen is None:
-            num_frozen = default_num_frozen_layers(base_config)
-        meft_config = MEFTConfig(
-            variant=args.variant, adapter_dim=args.adapter_dim, lam=args.lam, beta=args.beta,
-            num_frozen_layers=num_frozen, num_reversible_layers=args.num_reversible_layers, backward=args.backward,
-            stream_arithmetic=args.stream_arithmetic,
-        ).to_dict()
+        # The recipe records the number of frozen layers, not None, so a resume compares what was built.
+        config = args.meft_config()
+        if config.num_frozen_layers is None:
+            config = dataclasses.replace(config, num_frozen_layers=default_num_frozen_layers(base_config))
+        meft_config = config.to_dict()
     return ModelRecipe(
         method=args.method, base_model_name_or_path=args.model_name_or_path, task_kind=spec.kind,
         num_labels=spec.num_labels, meft_config=meft_config,
