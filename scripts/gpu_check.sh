@@ -12,16 +12,16 @@
 #                    pinned (the forward runs without grad, the recompute with grad: the kernel may differ);
 #   overflow_fp16    scripts/overflow_step_check.py --precision fp16: an Inf inside a reversible layer's F is
 #                    a skipped step and a lower loss scale;
-#   launch_<preset>  launch/train.py on the offline MiniLM and the SST-2 sample, MEFT, 1 GPU: zero2_bf16 and
-#                    the fp16 presets zero2_fp16, zero3_fp16 (dynamic loss scaling; ZeRO-1 runs the same
-#                    optimizer class and loss scaler as ZeRO-2); launch_summary passes when every fp16 run has
-#                    finite losses, its loss falls and its dev accuracy is within 3 points of the bf16 run's;
 #   opt_width_<p>    an OPT with OPT-1.3B widths (hidden 2048, FFN 8192, 32 heads, vocabulary 50272;
 #                    OPT_LAYERS layers, default 24; random bf16 checkpoint written once by
 #                    scripts/zero3_memory.py) fine-tuned through launch/train.py on the causal-LM sample,
 #                    ZeRO-3 with stage3_param_persistence_threshold 0, bf16 and fp16, a few steps;
 #   peak_memory      benchmarks.bench_memory: CUDA peak memory (torch.cuda.max_memory_allocated over the built
-#                    model) for MEFT vs LoRA and LoRA + checkpointing, OPT-1.3B shape, 4 x 512 tokens, bf16.
+#                    model) for MEFT vs LoRA and LoRA + checkpointing, OPT-1.3B shape, 4 x 512 tokens, bf16;
+#   launch_<preset>  launch/train.py on the offline MiniLM and the SST-2 sample, MEFT, 1 GPU: zero2_bf16 and
+#                    the fp16 presets zero2_fp16, zero3_fp16 (dynamic loss scaling; ZeRO-1 runs the same
+#                    optimizer class and loss scaler as ZeRO-2); launch_summary passes when every fp16 run has
+#                    finite losses, its loss falls and its dev accuracy is within 3 points of the bf16 run's.
 # Exits non-zero when any section failed or timed out. A section that needs what the machine lacks (fp16
 # in DeepSpeed, CUDA) is SKIPPED with the reason in summary.md.
 #
@@ -47,6 +47,8 @@ fi
 BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$SMOKE" = 1 ] && echo 1800 || echo 360)}
 DEADLINE=$(( $(date +%s) + BUDGET ))
 FAILED=0
+SECTION_PID=
+trap '[ -n "$SECTION_PID" ] && kill -TERM "$SECTION_PID" 2>/dev/null; echo "[gpu_check] interrupted"; exit 130' INT TERM
 
 if [ "$SMOKE" = 1 ]; then
   # Smaller batches and the first 64 dev sentences: the launcher runs take minutes on a CPU otherwise.
@@ -94,7 +96,12 @@ section() {
   if [ "$left" -lt 15 ]; then record "$name" SKIPPED 0 "the ${BUDGET} s budget is spent"; FAILED=1; return 1; fi
   [ "$limit" -gt "$left" ] && limit=$left
   local start=$(date +%s) rc=0
-  timeout -k 10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1 || rc=$?
+  # In the background and waited for: `timeout` puts its command in a process group of its own, so an
+  # interrupt of this script would not reach it; the trap below passes it on.
+  timeout -k 10 "$limit" "$@" <&0 > "$OUT_DIR/$name.log" 2>&1 &
+  SECTION_PID=$!
+  wait $SECTION_PID || rc=$?
+  SECTION_PID=
   if [ $rc = 0 ] && [ -n "${POST:-}" ]; then $POST >> "$OUT_DIR/$name.log" 2>&1 || rc=$?; fi
   local took=$(( $(date +%s) - start ))
   case $rc in
@@ -117,8 +124,10 @@ losses = [e["train/loss"] for e in state["log_history"] if "train/loss" in e]
 keep = ("train_loss", "train_steps_per_second", "peak_gpu_memory_bytes_per_rank", "frozen_parameter_bytes_per_rank",
         "trainable_parameter_bytes_per_rank", "optimizer_state_bytes_per_rank", "trainable_parameters", "eval")
 summary = {k: results[k] for k in keep if k in results}
+# fp16: steps DeepSpeed's dynamic loss scaler skipped (non-finite gradients; the scale halves), from the run's log.
+log = run.with_name(run.name + ".log").read_text(errors="replace")
 summary.update(losses=losses, finite=all(math.isfinite(x) for x in losses),
-               loss_scales=[e["train/loss_scale"] for e in state["log_history"] if "train/loss_scale" in e])
+               overflow_skipped_steps=sum("OVERFLOW!" in line and "Skipping step" in line for line in log.splitlines()))
 target.write_text(json.dumps(summary, indent=2) + "\n")
 PY
 }
@@ -156,42 +165,8 @@ else
   skip overflow_fp16 "DeepSpeed's $DEVICE accelerator reports no fp16 support"
 fi
 
-# (1) the launcher with the bf16 and fp16 presets on the real MiniLM and the SST-2 sample.
-LAUNCH=(--max_steps "$LAUNCH_STEPS" "${LAUNCH_SIZE[@]}" --learning_rate 3e-3 --warmup_ratio 0.1
-        --logging_steps 5 --overwrite_output_dir)
-PORT=29700
-for preset in zero2_bf16 zero2_fp16 zero3_fp16; do
-  PORT=$((PORT + 1))
-  if [[ $preset == *fp16 && $FP16 != 1 ]]; then skip "launch_$preset" "DeepSpeed's $DEVICE accelerator reports no fp16 support"; continue; fi
-  # The first run also compiles DeepSpeed's fused Adam once (cached in TORCH_EXTENSIONS_DIR).
-  POST="run_json $OUT_DIR/launch_$preset launch_$preset" section "launch_$preset" \
-    $([ $preset = zero2_bf16 ] && echo 180 || echo 90) \
-    "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 --master_port $PORT launch/train.py --deepspeed "$preset" \
-    --output_dir "$OUT_DIR/launch_$preset" "${LAUNCH[@]}"
-done
-section launch_summary 30 "$PYTHON" - "$OUT_DIR" "$SMOKE" <<'PY'
-import json, sys
-from pathlib import Path
-out, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
-runs = {name: json.loads((out / f"{name}.json").read_text()) for name in
-        ("launch_zero2_bf16", "launch_zero2_fp16", "launch_zero3_fp16") if (out / f"{name}.json").is_file()}
-summary, ok = {}, "launch_zero2_bf16" in runs
-reference = runs.get("launch_zero2_bf16", {}).get("eval", {}).get("validation", {}).get("accuracy", 0.0)
-for run, values in runs.items():
-    row = {"accuracy": values["eval"]["validation"]["accuracy"], "first_loss": values["losses"][0],
-           "last_loss": values["losses"][-1], "finite": values["finite"],
-           "peak_gpu_memory_bytes": values.get("peak_gpu_memory_bytes_per_rank")}
-    if run.endswith("fp16"):
-        row["pass"] = row["finite"] and row["last_loss"] < row["first_loss"] and row["accuracy"] > reference - 0.03
-        ok = ok and (row["pass"] or smoke)  # a smoke run's few steps need not lower the loss
-    summary[run] = row
-summary["judged"] = not smoke
-(out / "launch_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-print(json.dumps(summary, indent=2))
-sys.exit(0 if ok else 1)
-PY
-
 # (2) OPT at OPT-1.3B widths under ZeRO-3, partitioned (persistence threshold 0), bf16 and fp16.
+PORT=29700  # one port per DeepSpeed launch: a run that did not release its port cannot block the next
 MODEL_DIR="$OUT_DIR/opt_model"
 section opt_width_model 120 "$PYTHON" - "$MODEL_DIR" "$OPT_LAYERS" "$OPT_TINY" "$DEVICE" "$OUT_DIR/opt_width_model.json" <<'PY'
 import json, sys
@@ -232,6 +207,40 @@ peak_json() {
 POST=peak_json section peak_memory 120 "$PYTHON" -m benchmarks.bench_memory --device "$DEVICE" "${PEAK[@]}" --sections peak \
   --methods lora,lora_gc,meft1 --frozen-methods lora_gc,meft1 --peak-steps 3 --peak-in-process --keep-going \
   --out-dir "$OUT_DIR/peak_memory"
+
+# (1) last (the sections above are newer), the launcher with the bf16 and fp16 presets on the real MiniLM and the SST-2 sample.
+LAUNCH=(--max_steps "$LAUNCH_STEPS" "${LAUNCH_SIZE[@]}" --learning_rate 3e-3 --warmup_ratio 0.1
+        --logging_steps 5 --overwrite_output_dir)
+for preset in zero2_bf16 zero2_fp16 zero3_fp16; do
+  PORT=$((PORT + 1))
+  if [[ $preset == *fp16 && $FP16 != 1 ]]; then skip "launch_$preset" "DeepSpeed's $DEVICE accelerator reports no fp16 support"; continue; fi
+  # The first run also compiles DeepSpeed's fused Adam once (cached in TORCH_EXTENSIONS_DIR).
+  POST="run_json $OUT_DIR/launch_$preset launch_$preset" section "launch_$preset" \
+    $([ $preset = zero2_bf16 ] && echo 180 || echo 90) \
+    "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 --master_port $PORT launch/train.py --deepspeed "$preset" \
+    --output_dir "$OUT_DIR/launch_$preset" "${LAUNCH[@]}"
+done
+section launch_summary 30 "$PYTHON" - "$OUT_DIR" "$SMOKE" <<'PY'
+import json, sys
+from pathlib import Path
+out, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
+runs = {name: json.loads((out / f"{name}.json").read_text()) for name in
+        ("launch_zero2_bf16", "launch_zero2_fp16", "launch_zero3_fp16") if (out / f"{name}.json").is_file()}
+summary, ok = {}, "launch_zero2_bf16" in runs
+reference = runs.get("launch_zero2_bf16", {}).get("eval", {}).get("validation", {}).get("accuracy", 0.0)
+for run, values in runs.items():
+    row = {"accuracy": values["eval"]["validation"]["accuracy"], "first_loss": values["losses"][0],
+           "last_loss": values["losses"][-1], "finite": values["finite"],
+           "peak_gpu_memory_bytes": values.get("peak_gpu_memory_bytes_per_rank")}
+    if run.endswith("fp16"):
+        row["pass"] = row["finite"] and row["last_loss"] < row["first_loss"] and row["accuracy"] > reference - 0.03
+        ok = ok and (row["pass"] or smoke)  # a smoke run's few steps need not lower the loss
+    summary[run] = row
+summary["judged"] = not smoke
+(out / "launch_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(json.dumps(summary, indent=2))
+sys.exit(0 if ok else 1)
+PY
 
 echo "[gpu_check] summary: $OUT_DIR/summary.md"
 exit $FAILED
