@@ -9,7 +9,7 @@ Run from the repository root (the results of these commands are in docs/benchmar
     .venv/bin/python -m benchmarks.bench_memory --shape roberta-base --layers 12 --batch-size 8 \\
         --seq-len 128 --depths 6,12,24,48 --seq-lens 64,128,256,512 --count-steps 1 --out-dir output/bench_cpu
 
-    # Realistic sizes on one GPU (RoBERTa-large at 512 tokens, OPT-1.3B): benchmarks/gpu.sh
+    # CUDA peak memory at OPT-1.3B size, 4 x 512 tokens: the peak_memory section of scripts/gpu_check.sh
 
 Sections (`--sections`, comma separated):
   count   at the main shape, per method: bytes held for backward and their breakdown by part of the

@@ -29,8 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_model(path: Path, layers: int, tiny: bool) -> int:
-    """The random bf16 checkpoint (written once); returns its parameter count."""
+def write_model(path: Path, layers: int, tiny: bool, device: str = "cpu") -> int:
+    """The random bf16 checkpoint (written once); returns its parameter count. device="cuda" draws the
+    random weights on the GPU (seconds instead of a minute on the CPU for 24 layers at full width)."""
     import torch
     from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
@@ -47,7 +48,8 @@ def write_model(path: Path, layers: int, tiny: bool) -> int:
                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id, **widths)
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)  # never materialise the fp32 model here either
-        model = OPTForCausalLM(config)
+        with torch.device(device):
+            model = OPTForCausalLM(config)
         torch.set_default_dtype(torch.float32)
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
