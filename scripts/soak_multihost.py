@@ -10,7 +10,7 @@ SIGKILLs the training process (not the launcher) on host B once host A's log sho
 hosts' launchers are waited for (bounded) and the same command is run again (--resume_from_checkpoint
 auto). Needs root (network namespaces).
 
-    python scripts/soak_multihost.py --steps 1000 --save_steps 50 --kills 2 --output soak.json
+    python scripts/soak_multihost.py --steps 1000 --save_steps 50 --kills 2 --seed 14 --output soak.json
 """
 
 from __future__ import annotations
@@ -167,6 +167,9 @@ def main() -> int:
         print(f"error: --kill_steps must lie in 1..{args.steps - 1}", file=sys.stderr)
         return 2
 
+    # A SIGTERM (timeout, a scheduler) unwinds through TwoHosts' exit, which ends the jobs and deletes the
+    # namespaces; the default action would leave both behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="soak-")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
     shared = root / "inputs"
