@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import MEFTConfig
+from .config import MEFTConfig, strict_from_dict
 from .convert import make_reversible
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -91,11 +91,7 @@ class ModelRecipe:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelRecipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown adapter_config.json field(s) {sorted(unknown)}; known fields: {sorted(known)}.")
-        return cls(**values)
+        return strict_from_dict(cls, values, "adapter_config.json")
 
 
 def base_fingerprint(model_config) -> dict:

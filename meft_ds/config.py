@@ -23,6 +23,15 @@ STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MIN_FRAC_BITS, MAX_FRAC_BITS = 8, 45
 
 
+def strict_from_dict(cls, values: dict, what: str):
+    """cls(**values), refusing unknown keys in one line (a record written by another version, or a typo)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"Unknown {what} field(s) {sorted(unknown)}; known fields: {sorted(known)}.")
+    return cls(**values)
+
+
 @dataclass
 class MEFTConfig:
     """How a pretrained model is made reversible. The launcher's MEFT flags are these fields (help text,
@@ -158,11 +167,7 @@ class MEFTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "MEFTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown MEFTConfig field(s) {sorted(unknown)}; known fields: {sorted(known)}.")
-        return cls(**values)
+        return strict_from_dict(cls, values, "MEFTConfig")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from multihost import TwoHosts, unavailable_reason  # noqa: E402
-from train_helpers import BIN, free_port, launch_env, save_tiny_opt  # noqa: E402
+from train_helpers import BIN, free_port, launch_env, write_multihost_inputs  # noqa: E402
 
 TRAIN = REPO / "launch" / "train.py"
 STEP_LINE = re.compile(r'\{"step": (\d+)')
@@ -173,11 +173,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="soak-")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
     shared = root / "inputs"
-    save_tiny_opt(shared / "model")
-    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
-    config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
-    (shared / "ds_zero3.json").write_text(json.dumps(config))
-    shutil.copy(REPO / "data" / "lm_example.jsonl", shared / "lm.jsonl")
+    write_multihost_inputs(shared)
     results = {"steps": args.steps, "save_steps": args.save_steps, "seed": args.seed, "kill_steps": kill_steps,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:

@@ -30,7 +30,7 @@ import time
 import pytest
 
 from multihost import TwoHosts, unavailable_reason
-from train_helpers import BIN, REPO, free_port, launch_env, save_tiny_opt, train_losses
+from train_helpers import BIN, REPO, free_port, launch_env, train_losses, write_multihost_inputs
 
 STEPS, SAVE_STEPS = 6, 2
 FAULT_STEP = 3
@@ -49,11 +49,7 @@ def hosts(tmp_path_factory):
         pytest.skip(message)
     root = tmp_path_factory.mktemp("multihost")
     shared = root / "inputs"
-    save_tiny_opt(shared / "model")
-    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
-    config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
-    (shared / "ds_zero3.json").write_text(json.dumps(config))
-    shutil.copy(REPO / "data" / "lm_example.jsonl", shared / "lm.jsonl")
+    write_multihost_inputs(shared)
     with TwoHosts(root) as made:
         for host in made.hosts:  # each host its own copy, as on separate machines
             shutil.copytree(shared, host.disk, dirs_exist_ok=True)

@@ -112,3 +112,16 @@ def save_tiny_opt(path: Path) -> Path:
     OPTForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_multihost_inputs(shared: Path) -> Path:
+    """The inputs every two-host job reads (tests/test_multihost.py, scripts/soak_multihost.py): a tiny OPT,
+    a ZeRO-3 config with the persistence threshold 0 (every layer weight partitioned) and the LM sample."""
+    import shutil
+
+    save_tiny_opt(shared / "model")
+    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    (shared / "ds_zero3.json").write_text(json.dumps(config))
+    shutil.copy(REPO / "data" / "lm_example.jsonl", shared / "lm.jsonl")
+    return shared
