@@ -159,8 +159,8 @@ def model_states(params, stage: int, offload: bool, world: int, weight_bytes: in
 
     frozen_w = weight_bytes * sum(held(n) for n, t in params if not t)
     trainable_w = weight_bytes * sum(held(n) for n, t in params if t)
-    if stage == 0:  # every rank all of it; bf16/fp16 add an fp32 gradient copy for the fp32 master step
-        grads = weight_bytes * trainable + (4 * trainable if weight_bytes < 4 else 0)
+    if stage == 0:  # every rank all of it (bf16/fp16: an fp32 copy of the gradients exists during the step only,
+        grads = weight_bytes * trainable  # when the activations are gone)
         optimizer = ADAM_BYTES * trainable
     else:  # the reduced gradient partition and the optimizer shard (meft_ds.telemetry reads both)
         grads = weight_bytes * math.ceil(trainable / world)
@@ -214,15 +214,17 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, seq_len: int, 
     return held + working
 
 
-def plan_rows(config, *, world_size, seq_len, micro_batch, precision, task, num_frozen_layers=None, adapter_dim=8):
-    """One dict per (method, ZeRO stage, offload) with every component in bytes."""
+def plan_rows(config, *, world_size, seq_len, micro_batch, precision, task, num_frozen_layers=None, adapter_dim=8,
+              methods=METHODS):
+    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers: MEFT's;
+    None = the family default)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     shape, w = shape_of(config), PRECISION_BYTES[precision]
     frozen_default = default_num_frozen_layers(config) if num_frozen_layers is None else num_frozen_layers
     rows = []
-    for method in METHODS:
+    for method in methods:
         params, largest = meta_model(config, task, method, frozen_default if method == "meft" else None, adapter_dim)
         trained_layers = shape.num_layers - (frozen_default if method == "meft" else 0)
         activations = activation_bytes(shape, method, micro_batch, seq_len, w, trained_layers, task)
@@ -258,8 +260,8 @@ def recommend(config, budget: int, **run) -> dict | None:
     for frozen in range(first, shape.num_layers):
         micro = requested
         while micro >= 1:
-            rows = plan_rows(config, **run, micro_batch=micro, num_frozen_layers=frozen)
-            fitting = [r for r in rows if r["method"] == "meft" and r["device"] <= budget]
+            rows = plan_rows(config, **run, micro_batch=micro, num_frozen_layers=frozen, methods=("meft",))
+            fitting = [r for r in rows if r["device"] <= budget]
             if fitting:
                 return dict(fitting[0], num_reversible_layers=shape.num_layers - frozen)
             micro //= 2

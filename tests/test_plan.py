@@ -87,8 +87,8 @@ def test_causal_lm_loss_peak_matches_the_tracker():
 
 # --- model states of real 2-rank runs -------------------------------------------------------------------
 
-# (ZeRO stage, precision, method): ZeRO-3 partitions every weight; ZeRO-1/2 shard the optimizer only.
-STATE_CASES = [(1, "bf16", "meft"), (2, "fp32", "lora"), (3, "bf16", "meft"), (3, "fp32", "full")]
+# (ZeRO stage, precision, method): ZeRO-3 partitions every weight; ZeRO-1/2 shard the gradients and optimizer.
+STATE_CASES = [(0, "bf16", "meft"), (1, "bf16", "meft"), (2, "fp32", "lora"), (3, "bf16", "meft"), (3, "fp32", "full")]
 MICRO_BATCH, MAX_SEQ = 4, 32
 TAGS = {"frozen+trainable": "memory/param_bytes", "grads": "memory/grad_bytes",
         "optimizer": "memory/optimizer_state_bytes"}
