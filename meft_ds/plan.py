@@ -24,12 +24,12 @@ Where the numbers come from:
   under ZeRO-3 the weight slices) to host memory.
 - Activations: per method, what this repository's backward keeps (meft_ds/reversible.py, coupling.py) plus
   the largest working set of one step, counted in hidden-state-sized (B*T*hidden) and FFN-sized (B*T*ffn)
-  tensors; see ACTIVATION_* below and docs/benchmarks.md ("Memory planner") for how they were measured.
+  tensors (activation_bytes says which); docs/benchmarks.md, section 7, says how they were measured.
   Attention is assumed to run in a fused kernel (no T x T maps kept; PyTorch SDPA's flash or
   memory-efficient kernel) -- with an eager attention and dropout add 3 maps of B*heads*T*T per layer kept.
 
 Accuracy (tests/test_plan.py): every component within 10% of telemetry's per-rank numbers of real 2-rank
-DeepSpeed runs and of the benchmark's peak tensor tracker; docs/benchmarks.md lists the measurements.
+DeepSpeed runs and of the benchmark's peak tensor tracker; docs/benchmarks.md (section 7) lists them.
 """
 
 from __future__ import annotations
@@ -57,29 +57,11 @@ SETTINGS = [(0, False)] + [(stage, offload) for stage in (1, 2, 3) for offload i
 DECODER_ONLY = ("opt", "llama", "mistral")
 ZERO3_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's default stage3_param_persistence_threshold
 ADAM_BYTES = 12  # fp32 master copy + two fp32 moments per trainable weight
-INT64 = 8
+INT64 = FLOAT64 = 8
 
-# Activation working sets, in tensors alive at once (h: B*T*hidden elements, f: B*T*ffn elements; s: the
-# stream dtype's bytes (float32), c: the compute dtype's). Counted from the peak composition that
-# benchmarks/measure.py's PeakTensorTracker reports (RoBERTa and OPT shapes, fp32 and bf16, 4 and 8 layers).
-# MEFT (default: MEFT1, exact streams, split_layer_recompute): the reversible backward keeps the two top int64
-# streams and each layer's packed remainders; its peak is the largest of three phases of one layer:
-#   attention recompute + backward: 6 stream-dtype tensors (F's input, dy1 + dG/dy1, beta*dy2, F's output,
-#     the two gradients autograd hands the Function) + 13 in the compute dtype (q, k, v, output, their
-#     gradients, norm and residual tensors) + the float copy of the mask;
-#   FFN recompute + backward: the same 6 + 3 hidden-sized + 3 FFN-sized in the compute dtype;
-#   stream arithmetic (quantise / split): 3 more int64 states, 5 stream-dtype values, 2 float64 temporaries
-#     and one compute-dtype block output.
-# LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden, 2 FFN sized).
-# LoRA and full keep every layer's graph (measured per layer: 9 (LoRA) or 10 (full) hidden-sized tensors in
-# the compute dtype, one FFN-sized, 2 bool dropout masks) and peak at the start of backward (4 + 1 more).
-MEFT_STREAMS = 2
-
-
-def meft_working(h, f, s, c, mask):
-    return max(6 * s * h + 13 * c * h + c * mask,
-               6 * s * h + 3 * c * h + 3 * c * f,
-               3 * INT64 * h + 5 * s * h + 2 * 8 * h + c * h)
+# The MEFT settings the activation counts below were measured with (MEFTConfig's defaults when they were).
+MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="float32",
+                              split_layer_recompute=True, num_reversible_layers=None)
 
 
 @dataclasses.dataclass
@@ -89,7 +71,7 @@ class Shape:
     model_type: str
     num_layers: int
     hidden: int
-    ffn: int  # elements per token of the FFN's widest tensor (gated FFNs: the gate and up outputs count once each)
+    ffn: int  # FFN width; gated FFNs (LLaMA, Mistral): twice the intermediate size (gate and up outputs)
     heads: int
     vocab: int
 
@@ -131,7 +113,9 @@ def shape_of(config) -> Shape:
 
 
 def meta_model(config, task: str, method: str, num_frozen_layers: int | None, adapter_dim: int):
-    """The model training would build, on the meta device: (parameters as (numel, trainable), largest module)."""
+    """The model training would build, on the meta device: (parameters as (numel, trainable), largest module).
+
+    adapter_dim is also the LoRA rank, as in the launcher; full fine-tuning applies nothing (all trainable)."""
     import transformers
 
     recipe = ModelRecipe(
@@ -143,8 +127,6 @@ def meta_model(config, task: str, method: str, num_frozen_layers: int | None, ad
         warnings.simplefilter("ignore", FutureWarning)
         model = getattr(transformers, recipe.auto_class).from_config(config)
         model = apply_method(model, recipe)
-    if method == "full":
-        model.requires_grad_(True)
     params = [(p.numel(), p.requires_grad) for p in model.parameters()]  # tied weights once
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return params, largest
@@ -179,8 +161,9 @@ def model_states(params, stage: int, offload: bool, world: int, weight_bytes: in
 
 
 def remainder_bytes(elements: int, config: MEFTConfig) -> int:
-    """Bytes one reversible layer keeps for its divided streams, as coupling.py stores them (measured on the
-    meta device, so the packing is the real one)."""
+    """Bytes one reversible layer keeps for its divided streams, as coupling.py stores them: its own storing
+    function run on a meta tensor (no memory), so the packing is the real one. coupling.py has no public size
+    query; this reaches for its storing function rather than restating its packing rule here."""
     total = 0
     for factor in (config.lam, config.beta):
         m = ExactCoupling.divisor(factor)
@@ -191,15 +174,39 @@ def remainder_bytes(elements: int, config: MEFTConfig) -> int:
 
 def activation_bytes(shape: Shape, method: str, micro_batch: int, seq_len: int, compute_bytes: int,
                      trained_layers: int, task: str) -> int:
-    """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included)."""
+    """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included).
+
+    Counted in tensors alive at once, h = B*T*hidden and f = B*T*ffn elements, s the stream dtype's bytes,
+    c the compute dtype's; the counts were read from the peak composition that benchmarks/measure.py's
+    PeakTensorTracker reports (RoBERTa and OPT shapes, fp32 and bf16, 4 and 8 layers; tests/test_plan.py).
+    - MEFT (MEASURED_MEFT_DEFAULTS) keeps the two top int64 streams, each reversible layer's packed
+      remainders and the mask; its peak is the largest of three phases of one layer's backward:
+      attention recompute + backward: 6 stream-dtype tensors (F's input, dy1 + dG/dy1, beta*dy2, F's
+      output, the two gradients autograd hands the Function) + 13 compute-dtype ones (q, k, v, output,
+      their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
+      the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones; stream arithmetic (quantise, split):
+      3 more int64 states, 5 stream-dtype values, 2 float64 temporaries and one compute-dtype output.
+    - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
+      2 FFN-sized tensors).
+    - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one
+      FFN-sized, 2 bool dropout masks) and peak at the start of backward (4 hidden-sized + 1 FFN-sized more).
+    - A causal-LM loss upcasts the logits: three fp32 B*T*vocab tensors are alive at its backward (fp32 and
+      bf16 alike), which ends before the layers' backward starts, so they add to the held part only.
+    """
     tokens = micro_batch * seq_len
     h, f, c = tokens * shape.hidden, tokens * shape.ffn, compute_bytes
     mask = micro_batch * seq_len * seq_len  # the 4-D attention mask: kept as bool, used as a float copy
     if method == "meft":
         meft = MEFTConfig()
+        differing = {k: getattr(meft, k) for k, v in MEASURED_MEFT_DEFAULTS.items() if getattr(meft, k) != v}
+        if differing:  # the counts below would silently describe another backward
+            raise RuntimeError(f"MEFTConfig's defaults changed ({differing}); the planner's MEFT activation counts "
+                               f"were measured for {MEASURED_MEFT_DEFAULTS}: measure again (tests/test_plan.py).")
         s = meft.torch_stream_dtype.itemsize
-        held = MEFT_STREAMS * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
-        working = meft_working(h, f, s, c, mask)
+        held = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
+        working = max(6 * s * h + 13 * c * h + c * mask,
+                      6 * s * h + 3 * c * h + 3 * c * f,
+                      3 * INT64 * h + 5 * s * h + 2 * FLOAT64 * h + c * h)
     elif method == "lora_gc":
         held = trained_layers * c * h + mask
         working = 12 * c * h + 2 * c * f + c * mask
@@ -208,21 +215,20 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, seq_len: int, 
         held = trained_layers * per_layer + mask
         working = 4 * c * h + c * f + c * mask
     if task == "causal_lm":
-        # The loss upcasts the logits: three fp32 B*T*vocab tensors are alive at its backward (measured in fp32
-        # and bf16), which ends before the layers' backward starts, so they add to the held part only.
         working = max(working, 12 * tokens * shape.vocab)
     return held + working
 
 
-def plan_rows(config, *, world_size, seq_len, micro_batch, precision, task, num_frozen_layers=None, adapter_dim=8,
-              methods=METHODS):
+def plan_rows(config, *, world_size, seq_len, micro_batch, precision, task, num_frozen_layers=None, methods=METHODS):
     """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers: MEFT's;
-    None = the family default)."""
+    None = the family default). Adapters and LoRA have MEFTConfig's default adapter_dim (the launcher's)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    shape, w = shape_of(config), PRECISION_BYTES[precision]
-    frozen_default = default_num_frozen_layers(config) if num_frozen_layers is None else num_frozen_layers
+    shape, w, adapter_dim = shape_of(config), PRECISION_BYTES[precision], MEFTConfig().adapter_dim
+    frozen_default = num_frozen_layers
+    if frozen_default is None and "meft" in methods:
+        frozen_default = default_num_frozen_layers(config)
     rows = []
     for method in methods:
         params, largest = meta_model(config, task, method, frozen_default if method == "meft" else None, adapter_dim)
@@ -273,13 +279,38 @@ def gib(value) -> str:
 
 
 def summary(best: dict | None, budget: int) -> str:
-    """One line: the recommended setting (the launcher prints it at start)."""
+    """One line: the recommended setting."""
     if best is None:
         return f"plan: no MEFT setting fits {gib(budget)} GiB per rank; use more ranks or a shorter sequence"
     offload = "offload" if best["offload"] else "no offload"
     return (f"plan: meft, ZeRO-{best['stage']}, {offload}, num_frozen_layers={best['num_frozen_layers']}, "
             f"num_reversible_layers={best['num_reversible_layers']} (all), micro-batch {best['micro_batch']}: "
             f"{gib(best['device'])} of {gib(budget)} GiB per rank")
+
+
+def run_line(config, *, method: str, stage: int, offload: bool, world_size: int, seq_len: int, micro_batch: int,
+             precision: str, task: str, meft_config: dict | None = None) -> str:
+    """One line: what the plan predicts per rank for a run's own setting (the launcher logs it at start).
+
+    meft_config: the run's MEFTConfig as a dict (method "meft"); its num_frozen_layers is used, and a setting
+    the activation counts were not measured for (MEASURED_MEFT_DEFAULTS) is said instead of a wrong figure.
+    """
+    frozen = None
+    if method == "meft":
+        differing = {k: meft_config[k] for k, v in MEASURED_MEFT_DEFAULTS.items() if meft_config[k] != v}
+        if differing:
+            return (f"plan: not available for this MEFT setting ({differing}); python -m meft_ds.plan models "
+                    f"MEFTConfig's defaults only")
+        frozen = meft_config["num_frozen_layers"]
+    row = next(r for r in plan_rows(config, world_size=world_size, seq_len=seq_len, micro_batch=micro_batch,
+                                    precision=precision, task=task, num_frozen_layers=frozen, methods=(method,))
+               if (r["stage"], r["offload"]) == (stage, offload))
+    size = lambda value: f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"  # noqa: E731
+    return (f"plan: {method}, ZeRO-{stage}{' offload' if offload else ''}, micro-batch {micro_batch} x {seq_len} "
+            f"tokens: about {size(row['device'])} per rank (weights {size(row['frozen'] + row['trainable'])}, "
+            f"gradients {size(row['grads'])}, optimizer {size(row['optimizer'])}, activations "
+            f"{size(row['activations'])}, ZeRO-3 gathered {size(row['gathered'])}; host {size(row['host'])}); "
+            "process overhead not included")
 
 
 def format_table(rows, budget: int) -> str:
@@ -342,7 +373,8 @@ def main(argv=None) -> int:
           f"{shape.heads} heads, vocab {shape.vocab}; {rows[-1]['parameters']:,} parameters")
     print(f"run: {args.world_size} rank(s), {args.precision}, micro-batch {args.micro_batch} x {args.seq_len} tokens, "
           f"task {task}; MEFT: MEFTConfig defaults, num_frozen_layers {rows[0]['num_frozen_layers']}, "
-          f"{rows[0]['trainable_parameters']:,} trainable; LoRA r=8: {rows[7]['trainable_parameters']:,} trainable")
+          f"{rows[0]['trainable_parameters']:,} trainable; LoRA r={MEFTConfig().adapter_dim}: "
+          f"{next(r for r in rows if r['method'] == 'lora')['trainable_parameters']:,} trainable")
     print(f"GiB per rank. budget {gib(budget)} = --gpu_memory {gib(gpu_memory)} - {gib(reserve)} held back for process "
           "overhead (CUDA context, communication buffers, fragmentation: not modelled, --reserve)")
     print(format_table(rows, budget))

@@ -187,3 +187,36 @@ def test_cli_bad_gpu_memory_is_one_error_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "80XB" in err[0]
+
+
+def test_recommendation_fits_and_gives_way_in_order(tmp_path):
+    """A tighter budget first costs micro-batch, then ZeRO stage or frozen layers; nothing fits -> None."""
+    config = plan.load_config(str(_tiny_config_file(tmp_path / "config.json")))
+    run_flags = dict(world_size=2, seq_len=128, precision="fp32", task="causal_lm")
+    roomy = plan.recommend(config, 2**30, **run_flags, micro_batch=8)
+    assert (roomy["stage"], roomy["micro_batch"], roomy["num_frozen_layers"]) == (0, 8, 2)
+    assert roomy["num_reversible_layers"] == 4 and roomy["device"] <= 2**30
+    # Just below ZeRO-0's need: a higher stage shards gradients and optimizer state, same batch and layers.
+    sharded = plan.recommend(config, roomy["device"] - 1, **run_flags, micro_batch=8)
+    assert (sharded["stage"] > 0, sharded["micro_batch"], sharded["num_frozen_layers"]) == (True, 8, 2)
+    # Below what any stage needs at micro-batch 8 (activations dominate here): a smaller micro-batch.
+    smallest_at_8 = min(r["device"] for r in plan.plan_rows(config, **run_flags, micro_batch=8, methods=("meft",)))
+    smaller = plan.recommend(config, smallest_at_8 - 1, **run_flags, micro_batch=8)
+    assert smaller["micro_batch"] == 4 and smaller["num_frozen_layers"] == 2
+    assert smaller["device"] <= smallest_at_8 - 1
+    assert plan.recommend(config, 2**10, **run_flags, micro_batch=8) is None
+    assert plan.summary(None, 2**10).startswith("plan: no MEFT setting fits")
+
+
+def test_run_line_for_the_launcher(tmp_path):
+    config = plan.load_config(str(_tiny_config_file(tmp_path / "config.json")))
+    common = dict(stage=3, offload=False, world_size=2, seq_len=128, micro_batch=4, precision="bf16", task="causal_lm")
+    meft = MEFTConfig(num_frozen_layers=1).to_dict()
+    line = plan.run_line(config, method="meft", meft_config=meft, **common)
+    row = next(r for r in plan.plan_rows(config, world_size=2, seq_len=128, micro_batch=4, precision="bf16",
+                                         task="causal_lm", num_frozen_layers=1, methods=("meft",)) if r["stage"] == 3)
+    assert line.startswith("plan: meft, ZeRO-3, micro-batch 4 x 128 tokens: about ")
+    assert f"{row['device'] / 2**20:.1f} MiB per rank" in line
+    other = plan.run_line(config, method="meft", meft_config=dict(meft, stream_arithmetic="float"), **common)
+    assert other.startswith("plan: not available for this MEFT setting ({'stream_arithmetic': 'float'})")
+    assert plan.run_line(config, method="lora", **common).startswith("plan: lora, ZeRO-3")
