@@ -359,7 +359,7 @@ def main(argv=None) -> int:
         if config.model_type not in REGISTRY:
             raise ValueError(f"meft_ds cannot convert model_type={config.model_type!r}; supported: {sorted(REGISTRY)}.")
     except (ValueError, OSError) as error:
-        parser.exit(2, f"error: {error}\n")
+        parser.exit(2, "error: " + " ".join(str(error).split()) + "\n")  # one line, also for multi-line library errors
     task = args.task or ("causal_lm" if config.model_type in DECODER_ONLY else "classification")
     run = dict(world_size=args.world_size, seq_len=args.seq_len, precision=args.precision, task=task)
     budget = gpu_memory - reserve
