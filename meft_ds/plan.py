@@ -219,39 +219,45 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, seq_len: int, 
     return held + working
 
 
-def plan_rows(config, *, world_size, seq_len, micro_batch, precision, task, num_frozen_layers=None, methods=METHODS):
-    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers: MEFT's;
-    None = the family default). Adapters and LoRA have MEFTConfig's default adapter_dim (the launcher's)."""
+def deepspeed_estimate(total_params: int, largest_module_params: int, stage: int, offload: bool, world: int):
+    """DeepSpeed's own per-GPU model-state estimate (every weight trained: meaningful for full fine-tuning only)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
+    if stage == 0:
+        return None  # DeepSpeed has no estimator without ZeRO
+    if stage < 3:
+        return estimate_zero2_model_states_mem_needs(total_params, world, 1, cpu_offload=offload)[1]
+    return estimate_zero3_model_states_mem_needs(total_params, largest_module_params, world, 1, cpu_offload=offload,
+                                                 cpu_offload_params=offload)[1]
+
+
+DEVICE_COMPONENTS = ("frozen", "trainable", "grads", "optimizer", "activations", "gathered")
+
+
+def plan_rows(config, *, world_size, seq_len, micro_batch, precision, task, num_frozen_layers=None, methods=METHODS):
+    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers: MEFT's;
+    None = the family default). Adapters and LoRA have MEFTConfig's default adapter_dim (the launcher's)."""
     shape, w, adapter_dim = shape_of(config), PRECISION_BYTES[precision], MEFTConfig().adapter_dim
     frozen_default = num_frozen_layers
     if frozen_default is None and "meft" in methods:
         frozen_default = default_num_frozen_layers(config)
     rows = []
     for method in methods:
-        params, largest = meta_model(config, task, method, frozen_default if method == "meft" else None, adapter_dim)
-        trained_layers = shape.num_layers - (frozen_default if method == "meft" else 0)
-        activations = activation_bytes(shape, method, micro_batch, seq_len, w, trained_layers, task)
+        frozen = frozen_default if method == "meft" else 0
+        params, largest = meta_model(config, task, method, frozen if method == "meft" else None, adapter_dim)
+        total, trainable = sum(n for n, _ in params), sum(n for n, t in params if t)
+        activations = activation_bytes(shape, method, micro_batch, seq_len, w, shape.num_layers - frozen, task)
         for stage, offload in SETTINGS:
             states = model_states(params, stage, offload, world_size, w)
             # ZeRO-3 gathers a module's weights for its forward/backward (and prefetches the next): 2 modules.
             gathered = states.pop("persistent") + (2 * w * largest if stage == 3 else 0)
-            row = dict(method=method, stage=stage, offload=offload, **states, activations=activations,
-                       gathered=gathered, parameters=sum(n for n, _ in params),
-                       trainable_parameters=sum(n for n, t in params if t), num_frozen_layers=frozen_default
-                       if method == "meft" else 0, micro_batch=micro_batch)
-            row["device"] = sum(row[k] for k in ("frozen", "trainable", "grads", "optimizer", "activations", "gathered"))
-            row["deepspeed_estimate"] = None
-            if method == "full" and stage > 0:  # DeepSpeed's helpers assume every weight trains: full only
-                total = row["parameters"]
-                if stage < 3:
-                    _, gpu = estimate_zero2_model_states_mem_needs(total, world_size, 1, cpu_offload=offload)
-                else:
-                    _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, world_size, 1, cpu_offload=offload,
-                                                                      cpu_offload_params=offload)
-                row["deepspeed_estimate"] = gpu
+            row = dict(method=method, stage=stage, offload=offload, micro_batch=micro_batch, num_frozen_layers=frozen,
+                       parameters=total, trainable_parameters=trainable, **states, activations=activations,
+                       gathered=gathered)
+            row["device"] = sum(row[k] for k in DEVICE_COMPONENTS)
+            row["deepspeed_estimate"] = (deepspeed_estimate(total, largest, stage, offload, world_size)
+                                         if method == "full" else None)
             rows.append(row)
     return rows
 
@@ -318,9 +324,9 @@ def format_table(rows, budget: int) -> str:
             "host", "fits", "ds_est")
     lines = ["  ".join(f"{h:>9}" for h in head)]
     for r in rows:
-        cells = (r["method"], str(r["stage"]), "yes" if r["offload"] else "no", gib(r["frozen"]),
-                 gib(r["trainable"]), gib(r["grads"]), gib(r["optimizer"]), gib(r["activations"]), gib(r["gathered"]),
-                 gib(r["device"]), gib(r["host"]), "yes" if r["device"] <= budget else "NO", gib(r["deepspeed_estimate"]))
+        cells = (r["method"], str(r["stage"]), "yes" if r["offload"] else "no",
+                 *(gib(r[k]) for k in DEVICE_COMPONENTS), gib(r["device"]), gib(r["host"]),
+                 "yes" if r["device"] <= budget else "NO", gib(r["deepspeed_estimate"]))
         lines.append("  ".join(f"{c:>9}" for c in cells))
     return "\n".join(lines)
 
