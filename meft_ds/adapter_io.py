@@ -179,6 +179,15 @@ def build_model(recipe: ModelRecipe, model_name_or_path: str | None = None, dtyp
     check_base(recipe, model_config, base)  # before any weight is read
     with zero3_construction(ds_config):
         model = getattr(transformers, recipe.auto_class).from_pretrained(base, config=model_config, dtype=dtype)
+    return apply_method(model, recipe)
+
+
+def apply_method(model: nn.Module, recipe: ModelRecipe) -> nn.Module:
+    """The recipe's method applied to a freshly built base model (in place for MEFT; LoRA wraps it).
+
+    The one place a method is applied: training, export reloads and the memory planner (meft_ds.plan,
+    on a model built on the meta device) all go through it, so they count the same trainable weights.
+    """
     if recipe.method == "meft":
         make_reversible(model, MEFTConfig.from_dict(recipe.meft_config))
     elif recipe.method == "lora":

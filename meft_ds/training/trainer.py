@@ -207,7 +207,10 @@ def setup(args: RunArgs) -> Run:
 
     from transformers import AutoConfig
 
-    check_sequence_length(AutoConfig.from_pretrained(args.model_name_or_path), args.max_seq_length)
+    from .. import plan
+
+    model_config = AutoConfig.from_pretrained(args.model_name_or_path)
+    check_sequence_length(model_config, args.max_seq_length)
     tokenizer = load_tokenizer(args.model_name_or_path)
     with local_main_first(env):
         raw, spec = load_task_datasets(task_name=args.task_name, data_dir=args.data_dir, train_file=args.train_file,
@@ -242,6 +245,10 @@ def setup(args: RunArgs) -> Run:
                 100.0 * trainable / total_parameters)
     if recipe.meft_config is not None:
         logger.info("MEFT: %s", json.dumps(recipe.meft_config, sort_keys=True))
+    offload = _offload_device(ds_config) not in (None, "none")
+    logger.info("%s", plan.run_line(model_config, method=args.method, stage=zero_stage(ds_config), offload=offload,
+                                    world_size=env.world_size, seq_len=args.max_seq_length, micro_batch=micro_size,
+                                    precision=_precision(args), task=spec.kind, meft_config=recipe.meft_config))
 
     state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": [],
              "total_steps": total_steps, **identity}
@@ -331,6 +338,11 @@ def check_precision_supported(args: RunArgs, source: str) -> None:
 def _torch_dtype(args: RunArgs) -> torch.dtype:
     """The weights' dtype in training: DeepSpeed casts every parameter to 16 bit when bf16/fp16 is on."""
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def _offload_device(ds_config: dict) -> str | None:
+    """Where ZeRO keeps the optimizer state: None (on the device), "none", "cpu" or "nvme"."""
+    return ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
 
 
 def _precision(args: RunArgs) -> str:
