@@ -251,7 +251,8 @@ def setup(args: RunArgs) -> Run:
                              world_size=env.world_size, seq_len=args.max_seq_length, micro_batch=micro_size,
                              precision=_precision(args), task=spec.kind, meft_config=recipe.meft_config)
     except Exception as error:  # noqa: BLE001 - said in the log, in one line
-        line = f"plan: not available for this run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        line = f"plan: not available for this run ({type(error).__name__}: {reason})"
     logger.info("%s", line)
 
     state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": [],
