@@ -170,6 +170,28 @@ def test_packed_remainders_round_trip(m):
     assert torch.equal(unpack_remainders(packed, m, remainders), remainders)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("frac_bits", [8, 24, 45])
+def test_quantise_in_the_input_format_gives_the_float64_integers(dtype, frac_bits):
+    """quantise scales and rounds in the input's own format (fp16 widened to fp32): its integers and its range
+    flag equal a float64 reference's, on halfway cases, values near the range limit, tiny and subnormal
+    values, and values past the range (inf, NaN, too large)."""
+    from meft_ds.coupling import QUANTISED_LIMIT, ExactCoupling
+
+    coupling, info, scale = ExactCoupling(torch.float32, frac_bits), torch.finfo(dtype), 2.0 ** frac_bits
+    limit = QUANTISED_LIMIT / scale
+    halfway = (torch.arange(-8, 8, dtype=torch.float64) + 0.5) / scale  # ties: round half to even
+    edges = torch.tensor([limit * 0.99, -limit * 0.99, info.tiny, -info.tiny, info.tiny / 4, 0.0, -0.0])
+    values = torch.cat([halfway, edges.double(), torch.randn(4096, dtype=torch.float64) * 3])
+    values = values.clamp(-info.max, info.max).to(dtype)
+    state, poison = coupling.quantise(values)
+    assert torch.equal(state, torch.round(values.double() * scale).to(torch.int64)) and poison.item() == 0.0
+    for bad in (limit * 1.01, float("inf"), float("nan")):
+        outside = torch.cat([values, torch.tensor([bad]).to(dtype)])
+        expected_ok = bool((outside.double() * scale).abs().lt(QUANTISED_LIMIT).all())
+        assert (poison := coupling.quantise(outside)[1]).isnan().item() != expected_ok, (bad, poison)
+
+
 @pytest.mark.parametrize("lam", [0.125, 0.1])
 def test_exact_reconstruction_with_lam_one_eighth(monkeypatch, lam):
     """lam = 1/8 (3-bit remainders, division a shift) reconstructs bit-exactly, like the default 0.1."""

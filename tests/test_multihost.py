@@ -24,8 +24,11 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 
@@ -279,6 +282,66 @@ def test_hosts_with_different_data_are_refused(hosts):
 
 
 # --- the pieces on their own (no namespaces needed)
+
+
+def _serve_store(port: int) -> subprocess.Popen:
+    """A rendezvous store in its own process, as rank 0 serves it (the test can stop or kill that process)."""
+    code = ("import datetime, time\nfrom torch.distributed import TCPStore\n"
+            f"store = TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False, "
+            "timeout=datetime.timedelta(seconds=60))\nprint('serving', flush=True)\ntime.sleep(600)\n")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "serving"
+    return server
+
+
+def _watched_count(port: int) -> int:
+    """How often rank 7's watchdog has asked the store so far."""
+    from torch.distributed import TCPStore
+
+    client = TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False, timeout=timedelta(seconds=20))
+    return client.add("meft_ds/watchdog/7", 0)
+
+
+# When the store's process stops or closes: before the watchdog's first connection (it needs a while to import
+# torch on a busy host; a fault then used to leave the rank unwatched for good), or after it.
+STORE_FATES = ["stopped-before-connect", "stopped-after-connect", "closed-before-connect"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fate", STORE_FATES)
+def test_the_watchdog_ends_its_rank_whenever_the_store_goes(tmp_path, fate):
+    port = free_port()
+    server = _serve_store(port)
+    code = (f"import sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
+            "from meft_ds.training.watchdog import start_watchdog\n"
+            f"start_watchdog('127.0.0.1', {port}, 7, timeout_s=2.0, grace_s=1.0)\ntime.sleep(300)\n")
+    log = tmp_path / "rank.log"
+    try:
+        if fate.endswith("before-connect"):
+            server.send_signal(signal.SIGSTOP if fate.startswith("stopped") else signal.SIGKILL)
+        with open(log, "w") as stderr:
+            rank = subprocess.Popen([sys.executable, "-c", code], stderr=stderr)
+        if fate == "stopped-after-connect":
+            deadline = time.monotonic() + 120
+            while _watched_count(port) == 0 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert rank.poll() is None
+            server.send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+        try:
+            code = rank.wait(timeout=120)  # the watchdog imports torch first: seconds to a minute here
+        finally:
+            rank.kill()
+        assert code == -signal.SIGKILL, (code, log.read_text()[-2000:])
+        lines = [line for line in log.read_text().splitlines() if line.startswith("error: rank 7 on ")]
+        assert lines and "watchdog" in lines[0], log.read_text()[-2000:]
+        if fate == "stopped-after-connect":  # timeout 2 s + grace 1 s + a poll, with room for a busy machine
+            assert time.monotonic() - stopped_at < 30
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
 
 
 def test_auto_resume_starts_fresh_and_latest_needs_a_checkpoint(tmp_path):

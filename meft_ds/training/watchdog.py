@@ -4,9 +4,10 @@ A collective timeout (--ddp_timeout) ends every rank that waits for a peer. It c
 is stuck (a stalled filesystem, a wedged GPU, a stopped process): nothing runs in it any more. So each rank
 starts a small separate process that asks the job's rendezvous store (the TCPStore that rank 0, or
 torchrun's agent on the first node, serves at MASTER_ADDR:MASTER_PORT) every few seconds whether it is still
-there. When the store closes (its process exited after a failure) or does not answer within the timeout (its
-process is the stuck one), the watchdog prints one line naming its rank and host, gives the rank a few
-seconds to end by itself, then kills it with SIGKILL, so its launcher exits non-zero too.
+there, from its first connection on. When the store closes (its process exited after a failure) or does not
+answer within the timeout (its process is the stuck one), the watchdog prints one line naming its rank and
+host, gives the rank a few seconds to end by itself, then kills it with SIGKILL, so its launcher exits
+non-zero too.
 
 The watchdog exits as soon as its rank does; a rank stops it (`stop_watchdog`) before its final barrier,
 since rank 0 leaving at the end of a good run closes the store as well.
@@ -30,7 +31,7 @@ GRACE_S = 10.0  # a live rank that saw the failure too ends itself with its own,
 _process: subprocess.Popen | None = None
 
 
-def start_watchdog(master_addr: str, master_port: int, rank: int, timeout_s: float) -> None:
+def start_watchdog(master_addr: str, master_port: int, rank: int, timeout_s: float, grace_s: float = GRACE_S) -> None:
     """Start this rank's watchdog (once per process)."""
     global _process
     if _process is not None:
@@ -38,7 +39,7 @@ def start_watchdog(master_addr: str, master_port: int, rank: int, timeout_s: flo
     package_root = str(Path(__file__).resolve().parents[2])
     code = f"import sys; sys.path.insert(0, {package_root!r}); from meft_ds.training.watchdog import main; main()"
     _process = subprocess.Popen([sys.executable, "-c", code, master_addr, str(master_port), str(os.getpid()),
-                                 str(rank), str(timeout_s)], stdin=subprocess.DEVNULL)
+                                 str(rank), str(timeout_s), str(grace_s)], stdin=subprocess.DEVNULL)
     atexit.register(stop_watchdog)
 
 
@@ -57,22 +58,23 @@ def _parent_alive(parent: int) -> bool:
     return os.getppid() == parent
 
 
-def _ask(store, key: str, timeout_s: float) -> Exception | None:
-    """One round trip to the store; the error, or TimeoutError when no answer came within timeout_s (the
-    client's own timeout does not cover a server that accepts the request and never answers)."""
+def _in_time(call, timeout_s: float):
+    """(result, None), or (None, error): the call's error, or TimeoutError when it did not return within
+    timeout_s. The store client's own timeout covers neither a connection to a server that accepts it and
+    never answers the handshake nor a request such a server accepts: both block for good when the store's
+    process is stopped, so every store call runs in a thread that is abandoned when it is late."""
     outcome: list = []
 
-    def ask():
+    def run():
         try:
-            store.add(key, 1)
-            outcome.append(None)
+            outcome.append((call(), None))
         except Exception as error:  # noqa: BLE001 - reported to the caller
-            outcome.append(error)
+            outcome.append((None, error))
 
-    thread = threading.Thread(target=ask, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout_s)
-    return outcome[0] if outcome else TimeoutError(f"no answer in {timeout_s:.0f} s")
+    return outcome[0] if outcome else (None, TimeoutError(f"no answer in {timeout_s:.0f} s"))
 
 
 def main() -> None:
@@ -80,27 +82,30 @@ def main() -> None:
 
     from torch.distributed import TCPStore
 
-    master_addr, master_port, parent, rank, timeout_s = sys.argv[1:6]
-    parent, timeout = int(parent), datetime.timedelta(seconds=float(timeout_s))
+    master_addr, master_port, parent, rank, timeout_s, grace_s = sys.argv[1:7]
+    parent, timeout_s, grace_s = int(parent), float(timeout_s), float(grace_s)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    try:
-        store = TCPStore(master_addr, int(master_port), is_master=False, timeout=timeout, wait_for_workers=False)
-    except Exception:  # noqa: BLE001 - the store is already gone: the rank sees that itself, nothing to watch
-        return
+    # The first connection is checked like every request: the job can fail or hang before it is made (this
+    # process needs a while to import torch on a busy host), and then this rank is the one to end.
+    store, error = _in_time(lambda: TCPStore(master_addr, int(master_port), is_master=False, wait_for_workers=False,
+                                             timeout=datetime.timedelta(seconds=timeout_s)), timeout_s)
     key = f"meft_ds/watchdog/{rank}"
-    while _parent_alive(parent):
-        error = _ask(store, key, float(timeout_s))
-        if error is not None:  # closed or not answering: either way the job is over
-            if not _parent_alive(parent):
-                return
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"error: rank {rank} on {socket.gethostname()}: watchdog: the job's rendezvous store at "
-                  f"{master_addr}:{master_port} closed or stopped answering ({reason}); another rank failed "
-                  f"or hangs; ending this rank in {GRACE_S:.0f} s", file=sys.stderr, flush=True)
-            deadline = time.monotonic() + GRACE_S
-            while _parent_alive(parent) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            if _parent_alive(parent):
-                os.kill(parent, signal.SIGKILL)
-            return
-        time.sleep(POLL_S)
+    while error is None:
+        if not _parent_alive(parent):
+            os._exit(0)  # here and below: an abandoned store call may still block in its thread; do not wait
+        _, error = _in_time(lambda: store.add(key, 1), timeout_s)
+        if error is None:
+            time.sleep(POLL_S)
+    # Closed, refused or not answering: either way the job is over.
+    if not _parent_alive(parent):
+        os._exit(0)
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"error: rank {rank} on {socket.gethostname()}: watchdog: the job's rendezvous store at "
+          f"{master_addr}:{master_port} closed or stopped answering ({reason}); another rank failed "
+          f"or hangs; ending this rank in {grace_s:.0f} s", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + grace_s
+    while _parent_alive(parent) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if _parent_alive(parent):
+        os.kill(parent, signal.SIGKILL)
+    os._exit(0)
