@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .memory import format_bytes
 from .telemetry import RUN_PREFIX
 
 # (current, peak) memory tags: CUDA allocator first, CPU resident set otherwise.
@@ -94,15 +95,6 @@ def summarize(series: RankSeries) -> dict:
         done = sum(rate * n * s for rate, (n, s) in zip(rates, windows))
         result[f"{name}_per_second"] = done / total_seconds if total_seconds else None
     return result
-
-
-def format_bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value:.0f} B"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 
 import torch
 import torch.distributed as dist
 
-from .memory import SavedTensorCounter
+from .memory import SavedTensorCounter, proc_status_bytes, reset_peak_resident, unique_bytes
 from .reversible import MEFTStack
 
 RUN_PREFIX = "rank_"
@@ -43,18 +42,6 @@ CPU_MEMORY_TAGS = ("memory/resident_bytes", "memory/peak_resident_bytes")
 
 
 # --- what one rank measures -------------------------------------------------------------------------
-
-def _proc_status_bytes(*fields: str) -> list[int]:
-    text = open("/proc/self/status").read()
-    return [int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024 for field in fields]
-
-
-def _reset_peak_resident() -> None:
-    # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM, ru_maxrss) to the current RSS.
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
 
 def device_memory(device: torch.device) -> dict[str, float]:
     """Memory now and its peak since the previous call (the peak counter is reset after reading).
@@ -71,22 +58,17 @@ def device_memory(device: torch.device) -> dict[str, float]:
         }
         torch.cuda.reset_peak_memory_stats(device)
         return stats
-    resident, peak = _proc_status_bytes("VmRSS", "VmHWM")
-    _reset_peak_resident()
+    status = proc_status_bytes("VmRSS", "VmHWM")
+    resident, peak = status["VmRSS"], status["VmHWM"]
+    reset_peak_resident()
     return {"memory/resident_bytes": float(resident), "memory/peak_resident_bytes": float(max(peak, resident))}
-
-
-def _unique_bytes(tensors) -> int:
-    """Bytes of the tensors, each (data_ptr, size) counted once."""
-    seen = {(t.data_ptr(), t.numel()): t.numel() * t.element_size() for t in tensors if t is not None and t.numel()}
-    return sum(seen.values())
 
 
 def param_bytes(model: torch.nn.Module, trainable: bool | None = None) -> int:
     """Bytes of the model's parameters on this rank (ZeRO-3: this rank's shards): all of them, or only the
     trainable (True) or frozen (False) ones."""
     # ZeRO-3 keeps a parameter's local shard in `ds_tensor` and leaves the parameter itself empty.
-    return _unique_bytes(getattr(p, "ds_tensor", p) for p in model.parameters()
+    return unique_bytes(getattr(p, "ds_tensor", p) for p in model.parameters()
                          if trainable is None or p.requires_grad == trainable)
 
 
@@ -99,7 +81,7 @@ def grad_bytes(model: torch.nn.Module, optimizer=None) -> int:
     partitions = getattr(optimizer, "averaged_gradients", None)  # ZeRO 1-3: this rank's reduced partition
     if isinstance(partitions, dict):
         tensors += [t for grads in partitions.values() if grads is not None for t in grads]
-    return _unique_bytes(tensors)
+    return unique_bytes(tensors)
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -115,7 +97,7 @@ def optimizer_state_bytes(optimizer) -> int:
         optimizer = optimizer.optimizer
     tensors = list(optimizer.state.keys())
     tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    return _unique_bytes(tensors)
+    return unique_bytes(tensors)
 
 
 def reversible_stacks(model: torch.nn.Module) -> list[MEFTStack]:
