@@ -33,8 +33,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .memory import SavedTensorCounter, proc_status_bytes, reset_peak_resident, unique_bytes
-from .reversible import MEFTStack
+from ..memory import SavedTensorCounter, proc_status_bytes, reset_peak_resident, unique_bytes
+from ..reversible import MEFTStack
 
 RUN_PREFIX = "rank_"
 CUDA_MEMORY_TAGS = ("memory/allocated_bytes", "memory/reserved_bytes", "memory/peak_allocated_bytes")
@@ -187,6 +187,8 @@ class RankTelemetry:
         self.logging = self.sampling = False
         self.last_log_seconds = 0.0  # what the previous log step's measuring, gather and writing took
         self._step_extras: dict[str, float] = {}
+        self._measuring = contextlib.ExitStack()  # the stacks' measuring_reconstruction blocks of a sampled step
+        self._measurements = []
 
     def _reset_window(self) -> None:
         self.window_seconds, self.window_steps, self.window_samples, self.window_tokens = 0.0, 0, 0, 0
@@ -198,9 +200,8 @@ class RankTelemetry:
     def begin_step(self, step: int) -> None:
         self.logging = self.is_log_step(step)
         self.sampling = bool(self.reconstruction_error_steps) and step % self.reconstruction_error_steps == 0
-        for stack in self.stacks:
-            stack.measure_reconstruction = self.sampling
-            stack.last_reconstruction_error = None
+        if self.sampling:  # every micro-batch of the step, every stack: the result keeps the largest error
+            self._measurements = [self._measuring.enter_context(s.measuring_reconstruction()) for s in self.stacks]
         self._step_extras = {}
 
     def forward(self):
@@ -211,10 +212,6 @@ class RankTelemetry:
         return _SavedBytes(self.model, self._step_extras)
 
     def after_backward(self, last_micro_step: bool) -> None:
-        if self.sampling:  # max over micro-batches and stacks; each stack reports its max over layers
-            errors = [s.last_reconstruction_error for s in self.stacks if s.last_reconstruction_error is not None]
-            previous = self._step_extras.get("reversible/reconstruction_error", 0.0)
-            self._step_extras["reversible/reconstruction_error"] = max([previous, *errors])
         if self.logging and last_micro_step:
             self._step_extras["memory/grad_bytes"] = float(grad_bytes(self.model, self.optimizer))
 
@@ -226,10 +223,9 @@ class RankTelemetry:
         self.window_steps += 1
         self.window_samples += samples
         self.window_tokens += tokens
-        if self.sampling:
-            for stack in self.stacks:
-                stack.measure_reconstruction = False
-            error = self._step_extras.pop("reversible/reconstruction_error")
+        if self.sampling:  # max over micro-batches and stacks; each stack reports its max over layers
+            self._measuring.close()
+            error = max([0.0, *(m.error for m in self._measurements if m.error is not None)])
             self.window_reconstruction_error = max(error, self.window_reconstruction_error or 0.0)
         if not self.logging:
             return None
@@ -255,8 +251,7 @@ class RankTelemetry:
         return per_rank
 
     def close(self) -> None:
-        for stack in self.stacks:
-            stack.measure_reconstruction = False
+        self._measuring.close()
         self.writer.close()
 
 
