@@ -47,7 +47,7 @@ def _setup_line(meta: dict) -> str:
 
 
 def _failures(results: dict) -> list[str]:
-    """'section / method: error' for every method that failed (only with --keep-going); drops them."""
+    """'section / method: error' for every method that failed (only with --keep_going); drops them."""
     lines = []
     for key in ("count", "timing", "peak"):
         for label, r in list((results.get(key) or {}).items()):

@@ -94,7 +94,7 @@ def test_peak_tensor_memory_flat_for_reversible_and_growing_for_checkpointing(be
 
 
 def test_keep_going_records_failures(tmp_path):
-    """With --keep-going a method that cannot run is reported, the others still are."""
+    """With --keep_going a method that cannot run is reported, the others still are."""
     cfg = BenchConfig(**{**TINY, "layers": 2}, frozen_fraction=0.9, sections=("count", "timing"),
                       keep_going=True, out_dir=str(tmp_path))
     results = run_benchmark(cfg, ["--test"])
