@@ -52,7 +52,8 @@ def categorize_modules(model: nn.Module) -> dict[int, str]:
     Layers and heads come from the model family's registry entry (its layer lists and head names), MEFT
     layers and a stack's frozen layers from the stack; embeddings are the modules named "*embed*", the
     top level the model and its wrappers (named model / base_model: PEFT's, Hugging Face's decoder
-    models'). A PEFT model's family is looked up through its base model. Raises ValueError for an unsupported model_type.
+    models'). A PEFT model's family is looked up through its base model. Raises ValueError for an
+    unsupported model_type.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     family = family_for(inner)
@@ -62,7 +63,8 @@ def categorize_modules(model: nn.Module) -> dict[int, str]:
             layers.update(id(layer) for layer in module.frozen_layers)
         elif isinstance(module, MEFTLayer):
             layers.add(id(module))
-    heads = {id(getattr(inner, name)) for name in family.head_names if isinstance(getattr(inner, name, None), nn.Module)}
+    heads = {id(getattr(inner, name)) for name in family.head_names
+             if isinstance(getattr(inner, name, None), nn.Module)}
     categories: dict[int, str] = {}
 
     def visit(module: nn.Module, path: tuple[str, ...], inherited: str | None) -> None:

@@ -26,7 +26,8 @@ def _run(command: list, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     env.pop("PYTHONPATH", None)  # a checkout on the path would hide the installed copy
     result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, f"{command[:4]} exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"{command[:4]} exit {result.returncode}:\n"
+                                    f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return result
 
 

@@ -1,4 +1,5 @@
-"""What a task's data looks like and how it is scored: TaskSpec and the GLUE tasks (the hub's columns and label order)."""
+"""What a task's data looks like and how it is scored: TaskSpec, and the GLUE tasks with the hub's columns
+and label order."""
 
 from __future__ import annotations
 
