@@ -3,11 +3,11 @@
 Run from the repository root (the results of these commands are in docs/benchmarks.md):
 
     # A few minutes on a 2-core CPU: RoBERTa-base width, 4 layers, 4 x 128 tokens, depths 2/4/8.
-    .venv/bin/python -m benchmarks.bench_memory --quick --out-dir output/bench_quick
+    .venv/bin/python -m benchmarks.bench_memory --quick --out_dir output/bench_quick
 
     # RoBERTa-base shape, every section but shapes, on this CPU (about an hour).
-    .venv/bin/python -m benchmarks.bench_memory --shape roberta-base --layers 12 --batch-size 8 \\
-        --seq-len 128 --depths 6,12,24,48 --seq-lens 64,128,256,512 --count-steps 1 --out-dir output/bench_cpu
+    .venv/bin/python -m benchmarks.bench_memory --shape roberta-base --layers 12 --batch_size 8 \\
+        --seq_len 128 --depths 6,12,24,48 --seq_lens 64,128,256,512 --count_steps 1 --out_dir output/bench_cpu
 
     # CUDA peak memory at OPT-1.3B size, 4 x 512 tokens: the peak_memory section of scripts/gpu_check.sh
 
@@ -19,14 +19,14 @@ Sections (`--sections`, comma separated):
   peak    peak memory per method over the built model: CPU resident set in a fresh process per method
           (forked from a pre-importing fork server), CUDA allocator counters on a GPU;
   depth   held bytes and peak tensor memory vs number of layers (--depths); the PNG plot;
-  seq     the same vs sequence length (--seq-lens);
-  shapes  other shapes (--shapes) at --shapes-seq-len, measured at 2 and 4 layers: held bytes
+  seq     the same vs sequence length (--seq_lens);
+  shapes  other shapes (--shapes) at --shapes_seq_len, measured at 2 and 4 layers: held bytes
           extrapolated linearly to the shape's real depth (they are exactly linear in depth from 2
           layers up, as the depth section shows), peaks reported as measured.
 
 Methods (setups.py): full, lora, lora_gc, meft1_vanilla, meft1/2/3 (float streams), meft1_exact, and
-with the lowest round(--frozen-fraction x layers) layers frozen: lora, lora_gc, lora_gc_naive,
-meft1_vanilla, meft1. Outputs in --out-dir: results.json, results.md, activation_memory.png.
+with the lowest round(--frozen_fraction x layers) layers frozen: lora, lora_gc, lora_gc_naive,
+meft1_vanilla, meft1. Outputs in --out_dir: results.json, results.md, activation_memory.png.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def measure_saved(cfg: BenchConfig, shape: str, num_layers: int, seq_len: int, b
 
 @contextlib.contextmanager
 def _guard(cfg: BenchConfig, method: Method, what: str):
-    """With --keep-going, turn an exception into {"error": ...} (yielded dict, filled in) and go on."""
+    """With --keep_going, turn an exception into {"error": ...} (yielded dict, filled in) and go on."""
     failure: dict = {}
     try:
         yield failure
@@ -352,7 +352,7 @@ def _pivot(by_x: dict, axis: str) -> dict:
             entry = series.setdefault(key, dict(saved_bytes=[], peak_saved_bytes=[], peak_tensor_bytes=[],
                                                 num_frozen_layers=[]))
             for metric in ("saved_bytes", "peak_saved_bytes", "peak_tensor_bytes"):
-                entry[metric].append(value.get(metric))  # None where the method failed (--keep-going)
+                entry[metric].append(value.get(metric))  # None where the method failed (--keep_going)
             entry["num_frozen_layers"].append(int(frozen or 0))
     return {axis: list(by_x), "series": series}
 
@@ -438,7 +438,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"Preset for a few CPU minutes: {QUICK}; flags override it.")
     for f in dataclasses.fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + f.name  # underscores, as the launcher's flags
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         elif isinstance(f.default, tuple):

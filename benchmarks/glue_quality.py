@@ -202,7 +202,7 @@ def activation_bytes(method: str, task: TaskBudget, batch_size: int, model_name_
     examples, dynamically padded as the trainer does), fp32, train mode, same model build as the run."""
     import torch
 
-    from meft_ds.data import collate_fn, load_task_datasets, tokenize_dataset
+    from meft_ds.training.data import collate_fn, load_task_datasets, tokenize_dataset
     from meft_ds.memory import SavedTensorCounter
     from meft_ds.training.args import RunArgs
     from meft_ds.training.modeling import build_model, load_tokenizer, make_recipe

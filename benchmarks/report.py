@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
+from meft_ds.memory import CATEGORIES, format_bytes
+
 MIB = 2**20
-CATEGORIES = ("embeddings", "transformer layers", "reversible stack (streams, layer inputs)", "head",
-              "top level (loss, pooling, masks)", "other (final norm, ...)")
 STYLE = {  # colour and marker per method, frozen variants dashed
     "full": ("black", "o"), "lora": ("tab:blue", "s"), "lora_gc": ("tab:orange", "^"),
     "lora_gc_naive": ("tab:brown", "v"), "meft1_vanilla": ("tab:purple", "D"), "meft2_vanilla": ("tab:pink", "D"),
@@ -17,11 +18,7 @@ STYLE = {  # colour and marker per method, frozen variants dashed
 }
 
 
-def _mib(nbytes: float, digits: int | None = None) -> str:
-    value = nbytes / MIB
-    if digits is None:  # three significant figures for small values, one decimal above 100 MiB
-        digits = 3 if abs(value) < 1 else 2 if abs(value) < 10 else 1
-    return f"{value:,.{digits}f}"
+_mib = functools.partial(format_bytes, unit="MiB")  # table columns are headed "(MiB)"
 
 
 def _less(value: float, reference: float) -> str:
@@ -50,7 +47,7 @@ def _setup_line(meta: dict) -> str:
 
 
 def _failures(results: dict) -> list[str]:
-    """'section / method: error' for every method that failed (only with --keep-going); drops them."""
+    """'section / method: error' for every method that failed (only with --keep_going); drops them."""
     lines = []
     for key in ("count", "timing", "peak"):
         for label, r in list((results.get(key) or {}).items()):

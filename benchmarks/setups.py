@@ -43,6 +43,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from meft_ds import MEFTConfig, make_reversible
+from meft_ds.models import family_for
 
 # Hugging Face config fields of each shape (public model cards); `--layers` overrides the depth.
 SHAPES: dict[str, dict] = {
@@ -74,9 +75,7 @@ SHAPES: dict[str, dict] = {
                        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
-# LoRA targets (attention query and value projections) and the task head, per model_type.
-LORA_TARGETS = {"roberta": ["query", "value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
-HEAD_NAMES = ("classifier", "score")
+# LoRA targets, the task head and the layer list come from the family registry (meft_ds.models).
 LORA_RANK = 8
 ADAPTER_DIM = 8
 
@@ -152,24 +151,21 @@ def share_frozen_copy(model: nn.Module) -> nn.Module:
     each. Only for methods that never update the shared weights (the task head is cloned: it trains).
     """
     memo = {}
+    head_names = family_for(model).head_names
     for name, param in model.named_parameters():
-        data = param.detach().clone() if name.split(".")[0] in HEAD_NAMES else param.detach()
+        data = param.detach().clone() if name.split(".")[0] in head_names else param.detach()
         memo[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
     return copy.deepcopy(model, memo)
 
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer layers (before any MEFT conversion)."""
-    inner = model.base_model
-    if hasattr(inner, "encoder"):
-        return inner.encoder.layer  # BERT / RoBERTa
-    if hasattr(inner, "decoder"):
-        return inner.decoder.layers  # OPT
-    return inner.layers  # LLaMA
+    """The model's list of transformer layers (before any MEFT conversion): its family's one layer site."""
+    (site,) = family_for(model).sites(model)
+    return getattr(site.parent, site.attribute)
 
 
 def _train_head(model: nn.Module) -> None:
-    for name in HEAD_NAMES:
+    for name in family_for(model).head_names:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
             head.requires_grad_(True)
@@ -203,7 +199,7 @@ def build_method(model: nn.Module, method: Method) -> nn.Module:
 
         lora_config = LoraConfig(
             r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
-            target_modules=LORA_TARGETS[model.config.model_type],
+            target_modules=list(family_for(model).lora_targets),
             layers_to_transform=list(range(frozen, num_layers)) if frozen else None,
         )
         hf_model = model

@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import meft_ds
 from meft_ds import MEFTConfig, make_reversible
-from meft_ds.data import collate_fn, load_task_datasets, tokenize_dataset
+from meft_ds.training.data import collate_fn, load_task_datasets, tokenize_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

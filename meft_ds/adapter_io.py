@@ -67,7 +67,7 @@ class ModelRecipe:
 
     method: str  # meft | lora | full
     base_model_name_or_path: str
-    task_kind: str | None  # classification | regression | causal_lm (meft_ds.data.TaskSpec.kind); None: other heads
+    task_kind: str | None  # classification | regression | causal_lm (meft_ds.training.data.TaskSpec.kind); None: other heads
     num_labels: int
     meft_config: dict | None = None  # MEFTConfig.to_dict() for method "meft"
     lora_rank: int | None = None  # for method "lora"; alpha = 2 * rank

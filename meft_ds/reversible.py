@@ -328,6 +328,16 @@ class _Inputs:
         return tree_unflatten(leaves, self.spec)
 
 
+class ReconstructionMeasurement:
+    """What MEFTStack.measuring_reconstruction yields: the largest relative error of the rebuilt layer inputs."""
+
+    def __init__(self):
+        self.error: float | None = None
+
+    def record(self, error: float) -> None:
+        self.error = error if self.error is None else max(self.error, error)
+
+
 class MEFTStack(nn.Module):
     """Replaces a model's list of layers: frozen layers, then reversible MEFT layers, then cached ones.
 
@@ -353,10 +363,7 @@ class MEFTStack(nn.Module):
         # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor refuses.
         self.mix = nn.Parameter(torch.zeros(1))
         self.prepare_inputs, self.run_frozen = prepare_inputs, run_frozen
-        # Set measure_reconstruction = True for a step to get, after its backward,
-        # last_reconstruction_error: the largest relative error of the layer inputs rebuilt in backward.
-        self.measure_reconstruction = False
-        self.last_reconstruction_error: float | None = None
+        self._reconstruction: ReconstructionMeasurement | None = None  # see measuring_reconstruction
         # Optional callable(layer), run in the reversible backward once a layer's recomputation and gradients
         # are done: a partitioning runtime releases the weights it gathered for that recomputation
         # (meft_ds.training.modeling.release_weights_after_recompute, ZeRO-3).
@@ -365,8 +372,19 @@ class MEFTStack(nn.Module):
         # activations are recomputed in backward instead of kept; the reversible ones keep none anyway.
         self.checkpoint_cached = False
 
-    def _report_reconstruction(self, error: float) -> None:
-        self.last_reconstruction_error = error
+    @contextlib.contextmanager
+    def measuring_reconstruction(self):
+        """`with stack.measuring_reconstruction() as result:` forward and backward passes run inside the
+        block compare each layer input rebuilt in backward with the one forward saw (extra work per layer);
+        afterwards `result.error` is the largest relative error over them (None if no reversible backward
+        ran). Gradients are unchanged. Blocks do not nest: raises RuntimeError for a second one."""
+        if self._reconstruction is not None:
+            raise RuntimeError("this MEFTStack is measuring reconstruction already (blocks do not nest)")
+        result = self._reconstruction = ReconstructionMeasurement()
+        try:
+            yield result
+        finally:
+            self._reconstruction = None
 
     @property
     def stream_dtype(self) -> torch.dtype:
@@ -396,7 +414,7 @@ class MEFTStack(nn.Module):
             split = _Inputs(inputs)
             run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,
                             self.coupling, first_index=len(self.frozen_layers),
-                            report=self._report_reconstruction if self.measure_reconstruction else None,
+                            report=self._reconstruction.record if self._reconstruction is not None else None,
                             after_layer_backward=self.after_layer_backward)
             outputs = ReversibleFunction.apply(run, h, h, *split.tensors)
             states = outputs[2:] if len(outputs) == 4 else (None, None)

@@ -57,11 +57,11 @@ if [ "$SMOKE" = 1 ]; then
                --train_file data/sst2/train.tsv --validation_file "$OUT_DIR/smoke_dev.tsv")
   LAUNCH_STEPS=6; OPT_LAYERS=${OPT_LAYERS:-2}; OPT_TINY=1
   LIMIT_SCALE=3  # a shared 2-core CPU is slower than the GPU the section limits are set for
-  PEAK=(--shape tiny-opt --layers 4 --batch-size 2 --seq-len 32)
+  PEAK=(--shape tiny-opt --layers 4 --batch_size 2 --seq_len 32)
 else
   LAUNCH_SIZE=(--per_device_train_batch_size 32)
   LAUNCH_STEPS=60; OPT_LAYERS=${OPT_LAYERS:-24}; OPT_TINY=0; LIMIT_SCALE=1
-  PEAK=(--shape opt-1.3b --batch-size 4 --seq-len 512 --dtype bfloat16)
+  PEAK=(--shape opt-1.3b --batch_size 4 --seq_len 512 --dtype bfloat16)
 fi
 
 # record NAME STATUS SECONDS NOTE: DIR/NAME.status.json and an entry in DIR/summary.md (with NAME.json if any).
@@ -205,8 +205,8 @@ peak_json() {
     "meta": {k: m.get(k) for k in ("device_name", "torch", "config", "main_layers", "frozen_layers_at_main")}}, open(sys.argv[2], "w"), indent=2)' "$OUT_DIR/peak_memory/results.json" "$OUT_DIR/peak_memory.json"
 }
 POST=peak_json section peak_memory 120 "$PYTHON" -m benchmarks.bench_memory --device "$DEVICE" "${PEAK[@]}" --sections peak \
-  --methods lora,lora_gc,meft1 --frozen-methods lora_gc,meft1 --peak-steps 3 --peak-in-process --keep-going \
-  --out-dir "$OUT_DIR/peak_memory"
+  --methods lora,lora_gc,meft1 --frozen_methods lora_gc,meft1 --peak_steps 3 --peak_in_process --keep_going \
+  --out_dir "$OUT_DIR/peak_memory"
 
 # (1) last (the sections above are newer), the launcher with the bf16 and fp16 presets on the real MiniLM and the SST-2 sample.
 LAUNCH=(--max_steps "$LAUNCH_STEPS" "${LAUNCH_SIZE[@]}" --learning_rate 3e-3 --warmup_ratio 0.1

@@ -10,7 +10,7 @@ same weights, batch and dropout masks; the relative error ||g_rev - g_van|| / ||
 tensor, reported as the max and the median over tensors, plus the input-embedding gradient.
 
     python scripts/numerics_table.py                      # markdown table on stdout
-    python scripts/numerics_table.py --depths 2 6 --arithmetic exact --json out.json
+    python scripts/numerics_table.py --depths 2 6 --stream_arithmetic exact --json out.json
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--arithmetic", nargs="+", default=["float", "exact"], choices=["float", "exact"])
+    parser.add_argument("--stream_arithmetic", nargs="+", default=["float", "exact"], choices=["float", "exact"])
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -99,7 +99,7 @@ def main(argv=None):
     rows = []
     print("| arithmetic | variant | depth | max rel. error (params) | median | input-embedding grad | backward s |")
     print("|---|---|---|---|---|---|---|")
-    for arithmetic in args.arithmetic:
+    for arithmetic in args.stream_arithmetic:
         for variant in args.variants:
             for depth in args.depths:
                 row = measure(model, batch, variant, depth, arithmetic)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from meft_ds.memory import proc_status_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,16 +62,6 @@ def write_model(path: Path, layers: int, tiny: bool, device: str = "cpu") -> int
         with safe_open(str(file), "pt") as f:
             count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return count
-
-
-def _status(pid: int) -> dict[str, int]:
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
 
 
 def _rank_pids(parent: int) -> list[int]:
@@ -130,8 +122,8 @@ def main() -> int:
     while launcher.poll() is None and time.time() < deadline:
         for pid in _rank_pids(launcher.pid):
             try:
-                now = _status(pid)
-            except OSError:
+                now = proc_status_bytes("RssAnon", "VmRSS", "VmHWM", pid=pid)
+            except (OSError, KeyError):  # gone, or a zombie that reports no memory
                 continue
             timeline.write(f"{time.time() - start:.1f}\t{pid}\t{now.get('RssAnon', 0)}\t{now.get('VmRSS', 0)}\n")
             peak = peaks.setdefault(pid, {})

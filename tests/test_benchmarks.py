@@ -3,7 +3,6 @@
 - MEFT reversible saved bytes are flat in depth, the vanilla (cached) MEFT's grow with it;
 - reversible MEFT saves less than LoRA and less than LoRA + checkpointing;
 - LoRA's frozen lower layers save nothing (K of N frozen == LoRA on N-K layers, exactly);
-- the saved-tensor counter skips parameters and counts a storage once;
 - the JSON, markdown and PNG outputs hold every method.
 """
 
@@ -19,7 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds benchmarks/
 
 from benchmarks.bench_memory import BenchConfig, measure_saved, run_benchmark  # noqa: E402
-from benchmarks.measure import SavedTensorCounter  # noqa: E402
 from benchmarks.setups import Method  # noqa: E402
 
 TINY = dict(shape="tiny-roberta", layers=4, batch_size=2, seq_len=32, depths=(2, 4, 8), seq_lens=(16, 32),
@@ -96,7 +94,7 @@ def test_peak_tensor_memory_flat_for_reversible_and_growing_for_checkpointing(be
 
 
 def test_keep_going_records_failures(tmp_path):
-    """With --keep-going a method that cannot run is reported, the others still are."""
+    """With --keep_going a method that cannot run is reported, the others still are."""
     cfg = BenchConfig(**{**TINY, "layers": 2}, frozen_fraction=0.9, sections=("count", "timing"),
                       keep_going=True, out_dir=str(tmp_path))
     results = run_benchmark(cfg, ["--test"])
@@ -105,37 +103,6 @@ def test_keep_going_records_failures(tmp_path):
     assert "FAILED" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="no trainable layer"):
         run_benchmark(BenchConfig(**{**TINY, "layers": 2}, frozen_fraction=0.9, sections=("count",)), write=False)
-
-
-def test_counter_skips_parameters_and_counts_storage_once():
-    linear = torch.nn.Linear(8, 8)
-    x = torch.randn(4, 8, requires_grad=True)
-    with SavedTensorCounter(linear) as counter:
-        y = linear(x)
-        z = (y * y).sum()  # y saved twice (both operands): one storage
-        counter.mark_forward_done()
-    assert counter.saved_bytes == 2 * 4 * 8 * 4  # x (for the weight grad) and y; the weight is a parameter
-    z.backward()
-    del y, z
-    assert counter.live_bytes == 0
-
-
-def test_counter_agrees_with_meft_ds_counter():
-    """The benchmark's counter (liveness, attribution) and meft_ds.memory's agree on what forward saves."""
-    from benchmarks.setups import base_model, build_method, make_batch, make_config
-    from meft_ds.memory import SavedTensorCounter as CoreCounter
-
-    config = make_config("tiny-roberta", 3)
-    batch = make_batch(config, 2, 32, 0, padding=True)
-    for name in ("lora", "meft1", "meft1_vanilla"):
-        model = build_method(base_model(config, 0), Method(name)).train()
-        with SavedTensorCounter(model) as ours:  # one at a time: nested saved-tensor hooks shadow the outer
-            loss = model(**batch).loss
-            ours.mark_forward_done()
-        del loss
-        with CoreCounter(model) as core:
-            loss = model(**batch).loss
-        assert ours.saved_bytes == core.bytes > 0, name
 
 
 def test_outputs_hold_every_method(bench):

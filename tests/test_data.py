@@ -1,4 +1,4 @@
-"""meft_ds.data: GLUE (real files and the official TSV layouts), user files, LM masking, collation, errors."""
+"""meft_ds.training.data: GLUE (real files and the official TSV layouts), user files, LM masking, collation, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from meft_ds.data import (
+from meft_ds.training.data import (
     GLUE_TASKS,
     LABEL_PAD_ID,
     TaskSpec,

@@ -151,10 +151,10 @@ def test_reconstruction_error_diagnostic(arithmetic):
     stack = next(m for m in model.modules() if isinstance(m, MEFTStack))
     batch = make_batch(model)
     _, plain = embedding_grad_step(model, batch, "reversible")
-    assert stack.last_reconstruction_error is None
-    stack.measure_reconstruction = True
-    _, measured = embedding_grad_step(model, batch, "reversible")
-    error = stack.last_reconstruction_error
+    with stack.measuring_reconstruction() as result:
+        assert result.error is None
+        _, measured = embedding_grad_step(model, batch, "reversible")
+    error = result.error
     assert (error == 0.0) if arithmetic == "exact" else error > 1e-9, error
     assert all(torch.equal(plain[n], measured[n]) for n in plain)
 

@@ -28,6 +28,19 @@ def test_counter_sees_what_autograd_saves_and_skips_parameters():
     assert counter.bytes == x.numel() * 4  # the input only; the weight is a parameter
 
 
+def test_live_tracking_counts_a_storage_once_and_sees_its_release():
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorCounter(linear, track_live=True) as counter:
+        y = linear(x)
+        z = (y * y).sum()  # y saved twice (both operands): one storage
+        counter.mark_forward_done()
+    assert counter.saved_bytes == 2 * 4 * 8 * 4  # x (for the weight grad) and y; the weight is a parameter
+    z.backward()
+    del y, z
+    assert counter.live_bytes == 0 and counter.peak_bytes == counter.saved_bytes
+
+
 @pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
 @pytest.mark.parametrize("model_type,head", [("bert", tf.BertForSequenceClassification),
                                              ("opt", tf.OPTForCausalLM), ("llama", tf.LlamaForCausalLM),
@@ -70,3 +83,24 @@ def test_exact_arithmetic_costs_log2_m_bits_per_element_per_divided_stream(varia
     elements = batch_size * seq_len * hidden
     per_layer = buffers_per_layer * elements * 4 // 8 + 2 * 2 * 8
     assert sizes[16] - sizes[4] == 12 * per_layer, sizes
+
+
+@pytest.mark.parametrize("model_type,head", [("bert", tf.BertForSequenceClassification),
+                                             ("opt", tf.OPTForSequenceClassification)])
+def test_breakdown_puts_saved_bytes_where_the_registry_says(model_type, head):
+    """Without MEFT the layers hold most saved bytes; reversible MEFT holds none in its layers, only in
+    the stack (top streams, layer inputs) and around it. Every byte lands in one part."""
+    shares = {}
+    for convert in (False, True):
+        model = build(model_type, head, num_layers=3, dtype=torch.float32).train()
+        if convert:
+            make_reversible(model, MEFTConfig(stream_arithmetic="float", num_frozen_layers=0))
+        with SavedTensorCounter(model, track_live=True, by_module=True) as counter:
+            loss = model(**make_batch(model, 2, 16)).loss
+            counter.mark_forward_done()
+        del loss
+        assert sum(counter.breakdown.values()) == counter.saved_bytes > 0
+        shares[convert] = counter.breakdown
+    assert shares[False]["transformer layers"] > sum(shares[False].values()) / 2, shares
+    assert shares[True].get("transformer layers", 0) == 0 and shares[True]["reversible stack (streams, layer inputs)"] > 0
+    assert shares[False].get("head", 0) > 0 and shares[True].get("head", 0) > 0

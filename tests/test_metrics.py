@@ -1,4 +1,4 @@
-"""meft_ds.metrics against values worked out by hand or by an independent formula."""
+"""meft_ds.training.metrics against values worked out by hand or by an independent formula."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from meft_ds.data import GLUE_TASKS, TaskSpec
-from meft_ds.metrics import (
+from meft_ds.training.data import GLUE_TASKS, TaskSpec
+from meft_ds.training.metrics import (
     accuracy,
     compute_metrics,
     f1_binary,

@@ -1,4 +1,4 @@
-"""Per-rank telemetry (meft_ds/telemetry.py) and the report command (meft_ds/report.py).
+"""Per-rank telemetry (meft_ds/training/telemetry.py) and the report command (meft_ds/training/telemetry_report.py).
 
 Unit tests: the measuring functions, gather_to_rank0 without a process group, RankWriter read back with
 TensorBoard's event reader, the report's table, chart and errors. Slow tests: 2-rank DeepSpeed runs
@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from meft_ds import report, telemetry
+from meft_ds.training import telemetry, telemetry_report
 from train_helpers import REPO, free_port, launch_env, launcher_command, run, save_tiny_bert, write_tiny_sst2
 
 STEPS, RECONSTRUCTION_STEPS = 4, 2
@@ -46,7 +46,7 @@ def test_device_memory_on_cpu_peak_is_at_least_current():
 
 PEAK_RESET_SCRIPT = """
 import json, torch
-from meft_ds import telemetry
+from meft_ds.training import telemetry
 cpu = torch.device("cpu")
 telemetry.device_memory(cpu)
 block = torch.ones(256 * 2**20, dtype=torch.uint8)  # touch 256 MiB, then free it
@@ -111,9 +111,9 @@ def test_rank_writer_on_other_ranks_writes_nothing(tmp_path):
 
 def test_report_table_weights_windows_by_steps(tmp_path, capsys):
     _write_fake_run(tmp_path)
-    assert report.main([str(tmp_path), "--output", str(tmp_path / "chart.png")]) == 0
+    assert telemetry_report.main([str(tmp_path), "--output", str(tmp_path / "chart.png")]) == 0
     out = capsys.readouterr().out
-    rows = [report.summarize(s) for s in report.load_runs(tmp_path)]
+    rows = [telemetry_report.summarize(s) for s in telemetry_report.load_runs(tmp_path)]
     assert [r["rank"] for r in rows] == [0, 1]
     assert rows[1]["mean_step_time_s"] == pytest.approx(1.0)
     assert rows[0]["samples_per_second"] == pytest.approx(32.0)
@@ -122,9 +122,9 @@ def test_report_table_weights_windows_by_steps(tmp_path, capsys):
 
 
 def test_report_errors_without_rank_runs(tmp_path, capsys):
-    assert report.main([str(tmp_path)]) == 2
+    assert telemetry_report.main([str(tmp_path)]) == 2
     assert "holds no rank_<r>/ runs" in capsys.readouterr().err
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert telemetry_report.main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
 
@@ -208,7 +208,7 @@ def test_every_rank_writes_its_run(runs, launcher):
 def test_report_command_on_a_2_rank_run(runs):
     logging_dir = runs / "deepspeed" / "runs"
     chart = runs / "memory.png"
-    result = subprocess.run([sys.executable, "-m", "meft_ds.report", str(logging_dir), "--output", str(chart)],
+    result = subprocess.run([sys.executable, "-m", "meft_ds.training.telemetry_report", str(logging_dir), "--output", str(chart)],
                             cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)

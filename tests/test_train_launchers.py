@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from meft_ds.data import collate_fn, load_task_datasets, tokenize_dataset
+from meft_ds.training.data import collate_fn, load_task_datasets, tokenize_dataset
 from meft_ds.training import load_adapter_model
 from meft_ds.training.modeling import load_tokenizer
 from meft_ds.training.trainer import eval_loss

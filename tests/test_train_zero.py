@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meft_ds.data import collate_fn, load_task_datasets, tokenize_dataset
+from meft_ds.training.data import collate_fn, load_task_datasets, tokenize_dataset
 from meft_ds.training import RunArgs
 from meft_ds.training.modeling import build_model, load_tokenizer, make_recipe
 from meft_ds.training.trainer import global_batches, micro_batch

@@ -33,6 +33,8 @@ class Family:
     model_types: tuple[str, ...] = ()
     # Task heads trained next to the adapters (the pretrained body stays frozen).
     head_names: tuple[str, ...] = ("classifier", "score", "qa_outputs", "classification_head")
+    # Modules that LoRA baselines adapt (the attention query and value projections; PEFT's defaults).
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     # Share of the lowest layers kept frozen when MEFTConfig.num_frozen_layers is None (rounded down).
     frozen_share: Fraction = Fraction(0)
 

@@ -7,6 +7,7 @@ from .base import Family, StackSite, without
 
 class BertFamily(Family):
     model_types = ("bert", "roberta")
+    lora_targets = ("query", "value")
 
     def check_config(self, config) -> None:
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):

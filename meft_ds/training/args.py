@@ -18,8 +18,9 @@ from pathlib import Path
 
 from ..config import MEFTConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT / "data" / "sst2"
+# Package data (installed with the wheel; data/ and ds_configs/ at the checkout's root link here).
+PACKAGE_DATA = Path(__file__).resolve().parent
+DEFAULT_DATA_DIR = PACKAGE_DATA / "sample_data" / "sst2"
 METHODS = ("meft", "full", "lora")
 NONFINITE_POLICIES = ("stop", "skip")
 # Adapters and LoRA train a few new weights from scratch and take a larger step than full fine-tuning.

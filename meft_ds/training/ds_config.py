@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .args import FALLBACKS, REPO_ROOT, RunArgs
+from .args import FALLBACKS, PACKAGE_DATA, RunArgs
 
-PRESET_DIR = REPO_ROOT / "ds_configs"
+PRESET_DIR = PACKAGE_DATA / "ds_configs"
 AUTO = "auto"
 
 # DeepSpeed key path <-> RunArgs field, for every value both may set.

@@ -21,9 +21,9 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
-from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
-from ..telemetry import RankTelemetry, optimizer_state_bytes, param_bytes
+from .data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
+from .metrics import compute_metrics, lm_loss_sums, lm_metrics
+from .telemetry import RankTelemetry, optimizer_state_bytes, param_bytes
 from .args import RunArgs
 from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, probe_output_disks, resolve_resume_path,
                          save_checkpoint)
@@ -360,7 +360,7 @@ def fit(run: Run) -> dict:
 
     TensorBoard: run-level scalars (the all-rank mean loss, learning rate, eval metrics) in
     args.logging_dir; every rank's memory, throughput and own loss in <logging_dir>/rank_<r>/
-    (meft_ds.telemetry, gathered to rank 0 once per log step; docs/telemetry.md)."""
+    (meft_ds.training.telemetry, gathered to rank 0 once per log step; docs/telemetry.md)."""
     from tqdm.auto import tqdm
 
     args, env, engine, state = run.args, run.env, run.engine, run.state

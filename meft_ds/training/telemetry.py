@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 
 import torch
 import torch.distributed as dist
 
-from .memory import SavedTensorCounter
-from .reversible import MEFTStack
+from ..memory import SavedTensorCounter, proc_status_bytes, reset_peak_resident, unique_bytes
+from ..reversible import MEFTStack
 
 RUN_PREFIX = "rank_"
 CUDA_MEMORY_TAGS = ("memory/allocated_bytes", "memory/reserved_bytes", "memory/peak_allocated_bytes")
@@ -43,18 +42,6 @@ CPU_MEMORY_TAGS = ("memory/resident_bytes", "memory/peak_resident_bytes")
 
 
 # --- what one rank measures -------------------------------------------------------------------------
-
-def _proc_status_bytes(*fields: str) -> list[int]:
-    text = open("/proc/self/status").read()
-    return [int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024 for field in fields]
-
-
-def _reset_peak_resident() -> None:
-    # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM, ru_maxrss) to the current RSS.
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
 
 def device_memory(device: torch.device) -> dict[str, float]:
     """Memory now and its peak since the previous call (the peak counter is reset after reading).
@@ -71,22 +58,17 @@ def device_memory(device: torch.device) -> dict[str, float]:
         }
         torch.cuda.reset_peak_memory_stats(device)
         return stats
-    resident, peak = _proc_status_bytes("VmRSS", "VmHWM")
-    _reset_peak_resident()
+    status = proc_status_bytes("VmRSS", "VmHWM")
+    resident, peak = status["VmRSS"], status["VmHWM"]
+    reset_peak_resident()
     return {"memory/resident_bytes": float(resident), "memory/peak_resident_bytes": float(max(peak, resident))}
-
-
-def _unique_bytes(tensors) -> int:
-    """Bytes of the tensors, each (data_ptr, size) counted once."""
-    seen = {(t.data_ptr(), t.numel()): t.numel() * t.element_size() for t in tensors if t is not None and t.numel()}
-    return sum(seen.values())
 
 
 def param_bytes(model: torch.nn.Module, trainable: bool | None = None) -> int:
     """Bytes of the model's parameters on this rank (ZeRO-3: this rank's shards): all of them, or only the
     trainable (True) or frozen (False) ones."""
     # ZeRO-3 keeps a parameter's local shard in `ds_tensor` and leaves the parameter itself empty.
-    return _unique_bytes(getattr(p, "ds_tensor", p) for p in model.parameters()
+    return unique_bytes(getattr(p, "ds_tensor", p) for p in model.parameters()
                          if trainable is None or p.requires_grad == trainable)
 
 
@@ -99,7 +81,7 @@ def grad_bytes(model: torch.nn.Module, optimizer=None) -> int:
     partitions = getattr(optimizer, "averaged_gradients", None)  # ZeRO 1-3: this rank's reduced partition
     if isinstance(partitions, dict):
         tensors += [t for grads in partitions.values() if grads is not None for t in grads]
-    return _unique_bytes(tensors)
+    return unique_bytes(tensors)
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -115,7 +97,7 @@ def optimizer_state_bytes(optimizer) -> int:
         optimizer = optimizer.optimizer
     tensors = list(optimizer.state.keys())
     tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    return _unique_bytes(tensors)
+    return unique_bytes(tensors)
 
 
 def reversible_stacks(model: torch.nn.Module) -> list[MEFTStack]:
@@ -205,6 +187,8 @@ class RankTelemetry:
         self.logging = self.sampling = False
         self.last_log_seconds = 0.0  # what the previous log step's measuring, gather and writing took
         self._step_extras: dict[str, float] = {}
+        self._measuring = contextlib.ExitStack()  # the stacks' measuring_reconstruction blocks of a sampled step
+        self._measurements = []
 
     def _reset_window(self) -> None:
         self.window_seconds, self.window_steps, self.window_samples, self.window_tokens = 0.0, 0, 0, 0
@@ -216,9 +200,8 @@ class RankTelemetry:
     def begin_step(self, step: int) -> None:
         self.logging = self.is_log_step(step)
         self.sampling = bool(self.reconstruction_error_steps) and step % self.reconstruction_error_steps == 0
-        for stack in self.stacks:
-            stack.measure_reconstruction = self.sampling
-            stack.last_reconstruction_error = None
+        if self.sampling:  # every micro-batch of the step, every stack: the result keeps the largest error
+            self._measurements = [self._measuring.enter_context(s.measuring_reconstruction()) for s in self.stacks]
         self._step_extras = {}
 
     def forward(self):
@@ -229,10 +212,6 @@ class RankTelemetry:
         return _SavedBytes(self.model, self._step_extras)
 
     def after_backward(self, last_micro_step: bool) -> None:
-        if self.sampling:  # max over micro-batches and stacks; each stack reports its max over layers
-            errors = [s.last_reconstruction_error for s in self.stacks if s.last_reconstruction_error is not None]
-            previous = self._step_extras.get("reversible/reconstruction_error", 0.0)
-            self._step_extras["reversible/reconstruction_error"] = max([previous, *errors])
         if self.logging and last_micro_step:
             self._step_extras["memory/grad_bytes"] = float(grad_bytes(self.model, self.optimizer))
 
@@ -244,10 +223,9 @@ class RankTelemetry:
         self.window_steps += 1
         self.window_samples += samples
         self.window_tokens += tokens
-        if self.sampling:
-            for stack in self.stacks:
-                stack.measure_reconstruction = False
-            error = self._step_extras.pop("reversible/reconstruction_error")
+        if self.sampling:  # max over micro-batches and stacks; each stack reports its max over layers
+            self._measuring.close()
+            error = max([0.0, *(m.error for m in self._measurements if m.error is not None)])
             self.window_reconstruction_error = max(error, self.window_reconstruction_error or 0.0)
         if not self.logging:
             return None
@@ -273,8 +251,7 @@ class RankTelemetry:
         return per_rank
 
     def close(self) -> None:
-        for stack in self.stacks:
-            stack.measure_reconstruction = False
+        self._measuring.close()
         self.writer.close()
 
 

@@ -1,8 +1,8 @@
 """Per-rank summary of a run's telemetry: a table in the terminal and a PNG chart of memory per rank.
 
-    python -m meft_ds.report output/sst2-meft/runs [--output memory.png]
+    python -m meft_ds.training.telemetry_report output/sst2-meft/runs [--output memory.png]
 
-Reads the `rank_<r>/` TensorBoard runs that the trainer writes (meft_ds.telemetry) with TensorBoard's
+Reads the `rank_<r>/` TensorBoard runs that the trainer writes (meft_ds.training.telemetry) with TensorBoard's
 own event reader. Table columns: steps logged, peak memory (the largest peak-since-previous-log value:
 CUDA peak allocated, or peak resident on CPU), optimizer-state bytes, mean step time and throughput
 (samples/s and tokens/s over all logged windows). The chart has one line per rank: memory now (solid)
@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..memory import format_bytes
 from .telemetry import RUN_PREFIX
 
 # (current, peak) memory tags: CUDA allocator first, CPU resident set otherwise.
@@ -96,15 +97,6 @@ def summarize(series: RankSeries) -> dict:
     return result
 
 
-def format_bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value:.0f} B"
-
-
 def format_table(rows: list[dict]) -> str:
     header = ("rank", "steps logged", "peak memory", "optimizer state", "mean step time", "samples/s", "tokens/s")
     lines = [header]
@@ -159,7 +151,7 @@ def plot_memory(runs: list[RankSeries], path: str | Path, title: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meft_ds.report",
+    parser = argparse.ArgumentParser(prog="python -m meft_ds.training.telemetry_report",
                                      description="Per-rank table and memory chart of a run's TensorBoard telemetry.")
     parser.add_argument("logging_dir", help="the run's --logging_dir (default <output_dir>/runs)")
     parser.add_argument("--output", help="PNG path of the chart. Default: <logging_dir>/memory_per_rank.png")

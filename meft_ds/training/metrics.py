@@ -1,4 +1,4 @@
-"""Evaluation metrics for the tasks in `meft_ds.data`, in plain numpy (no scipy/sklearn/evaluate).
+"""Evaluation metrics for the tasks in `meft_ds.training.data`, in plain numpy (no scipy/sklearn/evaluate).
 
     metrics = compute_metrics(spec, predictions, labels)   # {"accuracy": 0.91, ...}
 
