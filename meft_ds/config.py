@@ -17,7 +17,7 @@ VARIANT_FACTORS = {
 BACKWARD_MODES = ("reversible", "vanilla")
 STREAM_ARITHMETICS = ("exact", "float")
 ADAPTER_INITS = ("normal", "zero_up")
-STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # Exact arithmetic range: |value| < 2^(61 - frac_bits) (coupling.QUANTISED_LIMIT); 2^(61-45) = 65536 > 65504,
 # float16's largest value. Below 8 fractional bits the streams would round F and G outputs too coarsely.
 MIN_FRAC_BITS, MAX_FRAC_BITS = 8, 45
@@ -72,8 +72,11 @@ class MEFTConfig:
     adapter_init_std: float = field(default=0.02, metadata={"help": "Std of the normal adapter init."})
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout inside each adapter."})
     stream_dtype: str = field(
-        default="float32", metadata={"help": "dtype the two streams and the coupling arithmetic use: float32 | float64.",
-                                     "choices": tuple(STREAM_DTYPES)}
+        default="float32",
+        metadata={"help": "dtype of the streams' float values (what F and G read) and of the gradients through the "
+                          "coupling: float32 | float64 | bfloat16 (exact arithmetic only; less memory in bf16 runs, "
+                          "gradients rounded to bf16).",
+                  "choices": tuple(STREAM_DTYPES)},
     )
     stream_arithmetic: str = field(
         default="exact",
@@ -138,6 +141,10 @@ class MEFTConfig:
             raise ValueError(
                 f"MEFTConfig.stream_arithmetic={self.stream_arithmetic!r} is unknown; use one of {STREAM_ARITHMETICS}."
             )
+        if self.stream_dtype == "bfloat16" and self.stream_arithmetic != "exact":
+            # Float inversion divides by lam at every layer: bf16's 8 significant bits are gone in two layers.
+            raise ValueError("MEFTConfig.stream_dtype='bfloat16' needs stream_arithmetic='exact' (float streams "
+                             "lose a digit per layer when rebuilt; use float32 for stream_arithmetic='float').")
         if not isinstance(self.frac_bits, int) or not (MIN_FRAC_BITS <= self.frac_bits <= MAX_FRAC_BITS):
             raise ValueError(
                 f"MEFTConfig.frac_bits={self.frac_bits!r} must be an integer in [{MIN_FRAC_BITS}, {MAX_FRAC_BITS}] "
