@@ -268,6 +268,32 @@ def test_a_failure_on_one_host_ends_every_host_quickly(hosts, kind, rank):
 
 
 @pytest.mark.slow
+def test_a_stopped_rank_among_two_per_host_ends_all_four(hosts):
+    """2 hosts x 2 ranks, global rank 3 (host B's second rank) stopped: its watchdog names and ends it, host B's
+    launcher ends its other rank, and host A's two ranks fail their collectives: both launchers exit non-zero
+    within the same limit as with one rank per host."""
+    (hosts.root / "hostfile2").write_text("".join(f"{h.name} slots=2\n" for h in hosts.hosts))
+    port, output = free_port(), "fail-stop-3-of-4"
+    env = dict(launch_env(), MEFT_TEST_FAULT=f"stop:3:{FAULT_STEP}",
+               MEFT_TEST_FAULT_TIME_FILE=str(hosts.mount_point / f"{output}.fault_time"))
+    processes = [hosts.start(h.index, [BIN / "deepspeed", "--hostfile", hosts.root / "hostfile2", "--no_ssh",
+                                       "--node_rank", h.index, "--master_addr", hosts.master_addr, "--master_port",
+                                       port, FAULT_SCRIPT] + _flags(hosts, output, per_device_train_batch_size=2,
+                                                                    max_steps=500, save_steps=1000),
+                             env, log_name=f"{output}-{h.name}") for h in hosts.hosts]
+    codes = hosts.wait(processes, timeout=FAILURE_LIMIT_S + 120)
+    logs = [p.log_path.read_text() for p in processes]
+    fault_time = float((hosts.hosts[1].disk / f"{output}.fault_time").read_text())
+    seconds = [round(p.ended_at - fault_time, 1) if p.ended_at else None for p in processes]
+    print(f"stop of rank 3 of 4: launchers exited {codes} after {seconds} s")
+    assert all(code not in (0, None) for code in codes), (codes, "\n".join(log[-3000:] for log in logs))
+    assert all(s is not None and s < FAILURE_LIMIT_S for s in seconds), seconds
+    stopped = [line for line in logs[1].splitlines() if line.startswith("error: rank 3 on hostb")]
+    assert stopped and "watchdog" in stopped[0], logs[1][-3000:]
+    assert any(f"error: rank {r} on hosta" in logs[0] for r in (0, 1)), logs[0][-3000:]
+
+
+@pytest.mark.slow
 def test_hosts_with_different_data_are_refused(hosts):
     b = hosts.hosts[1]
     (b.disk / "lm_changed.jsonl").write_text((b.disk / "lm.jsonl").read_text().replace("positive", "negative", 1))
@@ -305,6 +331,34 @@ def _watched_count(port: int) -> int:
 # When the store's process stops or closes: before the watchdog's first connection (it needs a while to import
 # torch on a busy host; a fault then used to leave the rank unwatched for good), or after it.
 STORE_FATES = ["stopped-before-connect", "stopped-after-connect", "closed-before-connect"]
+
+
+@pytest.mark.slow
+def test_a_launcher_can_end_a_stopped_rank_through_its_watchdog(tmp_path):
+    """The deepspeed launcher ends a failed host's process tree with SIGTERM to every process in it, then waits
+    30 s. A stopped rank cannot act on its SIGTERM; its watchdog, terminated too, continues it first."""
+    import psutil
+
+    port = free_port()
+    server = _serve_store(port)
+    code = (f"import sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
+            "from meft_ds.training.watchdog import start_watchdog\n"
+            f"start_watchdog('127.0.0.1', {port}, 7, timeout_s=60.0)\ntime.sleep(300)\n")
+    rank = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 120
+        while _watched_count(port) == 0 and time.monotonic() < deadline:  # the watchdog is up and connected
+            time.sleep(0.5)
+        tree = psutil.Process(rank.pid).children(recursive=True) + [psutil.Process(rank.pid)]
+        assert len(tree) == 2
+        rank.send_signal(signal.SIGSTOP)
+        for process in tree:  # what deepspeed.launcher.launch.terminate_process_tree does
+            process.terminate()
+        assert rank.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        rank.kill()
+        server.kill()
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow

@@ -58,6 +58,25 @@ def _parent_alive(parent: int) -> bool:
     return os.getppid() == parent
 
 
+def _stopped(pid: int) -> bool:
+    """Whether `pid` is stopped (SIGSTOP or traced), from /proc (False where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _end_on_terminate(parent: int) -> None:
+    """SIGTERM: the rank stops its watchdog this way, and a launcher ending the whole process tree (the deepspeed
+    launcher after another local rank failed) sends it to the rank and to this process alike. A stopped rank
+    cannot act on its SIGTERM, and the launcher would wait 30 s before killing it: continue it, so the
+    termination it was sent takes effect."""
+    if _parent_alive(parent) and _stopped(parent):
+        os.kill(parent, signal.SIGCONT)
+    os._exit(0)
+
+
 def _in_time(call, timeout_s: float):
     """(result, None), or (None, error): the call's error, or TimeoutError when it did not return within
     timeout_s. The store client's own timeout covers neither a connection to a server that accepts it and
@@ -84,7 +103,7 @@ def main() -> None:
 
     master_addr, master_port, parent, rank, timeout_s, grace_s = sys.argv[1:7]
     parent, timeout_s, grace_s = int(parent), float(timeout_s), float(grace_s)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: _end_on_terminate(parent))
     # The first connection is checked like every request: the job can fail or hang before it is made (this
     # process needs a while to import torch on a busy host), and then this rank is the one to end.
     store, error = _in_time(lambda: TCPStore(master_addr, int(master_port), is_master=False, wait_for_workers=False,
