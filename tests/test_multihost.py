@@ -174,13 +174,15 @@ def test_kill_during_save_then_rerun_resumes_the_same_run(deepspeed_run):
 
 
 @pytest.mark.slow
-def test_zero2_checkpoint_on_separate_disks_resumes(hosts):
+def test_zero2_bf16_checkpoint_on_separate_disks_resumes(hosts):
     """ZeRO-2 keeps the trainable weights whole on every rank and DeepSpeed writes them (the model-states
-    file) from rank 0 only: host B's checkpoint needs its own copy to resume."""
+    file) from rank 0 only: host B's checkpoint needs its own copy to resume. In bf16, the precision users
+    train in (the fp32 master weights and optimizer state are in the checkpoint: the resumed losses are the
+    uninterrupted run's)."""
     a, b = hosts.hosts
     for host in hosts.hosts:
         config = json.loads((host.disk / "ds_zero3.json").read_text())
-        config["zero_optimization"] = {"stage": 2}
+        config["zero_optimization"], config["bf16"] = {"stage": 2}, {"enabled": True}
         (host.disk / "ds_zero2.json").write_text(json.dumps(config))
     zero2 = hosts.mount_point / "ds_zero2.json"
     codes, logs = _run(hosts, "deepspeed", "zero2", deepspeed=zero2)
