@@ -185,7 +185,8 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, seq_len: int, 
       output, the two gradients autograd hands the Function) + 13 compute-dtype ones (q, k, v, output,
       their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
       the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones; stream arithmetic (quantise, split):
-      3 more int64 states, 5 stream-dtype values, 2 float64 temporaries and one compute-dtype output.
+      3 more int64 states, 5 stream-dtype values, 2 float64 temporaries and one compute-dtype output (counted
+      before quantise stopped using float64 temporaries: an upper bound now; this phase was never the peak).
     - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
       2 FFN-sized tensors).
     - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one
