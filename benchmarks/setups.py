@@ -20,6 +20,8 @@ Methods (`METHODS`), all training the task head:
                   recomputed in one piece in backward: more memory, less time).
 - meft1_exact_bf16: meft1_exact with MEFTConfig.stream_dtype="bfloat16" (decoded stream values and the
                   gradients through the coupling in bf16; the states stay int64).
+- meft1_exact_int32, meft1_exact_bf16_int32: meft1_exact and meft1_exact_bf16 with int32 states
+                  (MEFTConfig.state_dtype="int32", frac_bits=16).
 Any method can also run with the lowest `num_frozen_layers` layers frozen (label suffix `+frozenK`):
 - MEFT: MEFTConfig.num_frozen_layers (original layers run under no_grad);
 - LoRA: no LoRA in those layers (`layers_to_transform`). Their weights are frozen and so is the
@@ -105,7 +107,9 @@ class Method:
 # The exact stream arithmetic (MEFTConfig.stream_arithmetic="exact") is benchmarked where the core has it.
 HAS_EXACT = "stream_arithmetic" in {f.name for f in dataclasses.fields(MEFTConfig)}
 METHODS = ("full", "lora", "lora_gc", "lora_gc_naive", "meft1_vanilla", "meft2_vanilla", "meft3_vanilla",
-           "meft1", "meft2", "meft3") + (("meft1_exact", "meft2_exact", "meft3_exact", "meft1_exact_one_stage", "meft1_exact_bf16") if HAS_EXACT else ())
+           "meft1", "meft2", "meft3") + (("meft1_exact", "meft2_exact", "meft3_exact", "meft1_exact_one_stage",
+                                          "meft1_exact_bf16", "meft1_exact_int32", "meft1_exact_bf16_int32")
+                                         if HAS_EXACT else ())
 DEFAULT_METHODS = ("full", "lora", "lora_gc", "meft1_vanilla", "meft1", "meft2", "meft3") + (
     ("meft1_exact",) if HAS_EXACT else ())
 # Methods also run with frozen lower layers (full fine-tuning has no frozen variant).
@@ -222,7 +226,9 @@ def build_method(model: nn.Module, method: Method) -> nn.Module:
         return model
     variant, _, suffix = method.name.partition("_")
     options = {"vanilla": dict(backward="vanilla"), "exact": {}, "": {},
-               "exact_one_stage": dict(split_layer_recompute=False), "exact_bf16": dict(stream_dtype="bfloat16")}[suffix]
+               "exact_one_stage": dict(split_layer_recompute=False), "exact_bf16": dict(stream_dtype="bfloat16"),
+               "exact_int32": dict(state_dtype="int32", frac_bits=16),
+               "exact_bf16_int32": dict(stream_dtype="bfloat16", state_dtype="int32", frac_bits=16)}[suffix]
     if HAS_EXACT:  # pinned: the core's default arithmetic may change
         options["stream_arithmetic"] = "exact" if suffix.startswith("exact") else "float"
     config = MEFTConfig(variant=variant, adapter_dim=ADAPTER_DIM, num_frozen_layers=frozen, **options)

@@ -18,9 +18,12 @@ BACKWARD_MODES = ("reversible", "vanilla")
 STREAM_ARITHMETICS = ("exact", "float")
 ADAPTER_INITS = ("normal", "zero_up")
 STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+STATE_DTYPES = {"int64": torch.int64, "int32": torch.int32}
 # Exact arithmetic range: |value| < 2^(61 - frac_bits) (coupling.QUANTISED_LIMIT); 2^(61-45) = 65536 > 65504,
 # float16's largest value. Below 8 fractional bits the streams would round F and G outputs too coarsely.
 MIN_FRAC_BITS, MAX_FRAC_BITS = 8, 45
+# int32 states: |value| < 2^(29 - frac_bits); at most 21 fractional bits leaves |value| < 256.
+MAX_FRAC_BITS_INT32 = 21
 
 
 def strict_from_dict(cls, values: dict, what: str):
@@ -89,6 +92,14 @@ class MEFTConfig:
                               "range |value| < 2^(61-frac_bits); a value outside it makes the stream NaN. "
                               f"At most {MAX_FRAC_BITS}, so that every float16 value fits."}
     )
+    state_dtype: str = field(
+        default="int64",
+        metadata={"help": "Integer dtype of the exact streams' states: int64 | int32. int32 halves the two top "
+                          "streams and the integer temporaries, but holds |value| < 2^(29-frac_bits) only: it needs "
+                          f"frac_bits <= {MAX_FRAC_BITS_INT32} (e.g. 16: |value| < 8192, resolution 1.5e-5); a value "
+                          "outside the range makes the stream NaN (a skipped or stopped step, never a wrong one).",
+                  "choices": tuple(STATE_DTYPES)},
+    )
     split_layer_recompute: bool = field(
         default=True,
         metadata={"help": "Reversible backward of a block that is a whole pretrained layer (MEFT1's F, MEFT2's G): "
@@ -150,6 +161,12 @@ class MEFTConfig:
                 f"MEFTConfig.frac_bits={self.frac_bits!r} must be an integer in [{MIN_FRAC_BITS}, {MAX_FRAC_BITS}] "
                 f"(e.g. 32): the streams hold |value| < 2^(61-frac_bits), and above {MAX_FRAC_BITS} that range "
                 "would not hold every float16 value (65504).")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"MEFTConfig.state_dtype={self.state_dtype!r} is unknown; use one of {list(STATE_DTYPES)}.")
+        if self.state_dtype == "int32" and self.frac_bits > MAX_FRAC_BITS_INT32:
+            raise ValueError(f"MEFTConfig.state_dtype='int32' holds |value| < 2^(29-frac_bits): frac_bits="
+                             f"{self.frac_bits} leaves no range; use frac_bits <= {MAX_FRAC_BITS_INT32} (e.g. 16).")
         if self.stream_arithmetic == "exact":
             for name in ("lam", "beta"):
                 value = getattr(self, name)
@@ -168,6 +185,10 @@ class MEFTConfig:
     @property
     def torch_stream_dtype(self) -> torch.dtype:
         return STREAM_DTYPES[self.stream_dtype]
+
+    @property
+    def torch_state_dtype(self) -> torch.dtype:
+        return STATE_DTYPES[self.state_dtype]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -71,7 +71,7 @@ def _convert_layer(layer: nn.Module, config: MEFTConfig, model_config, family: F
 
 def _coupling(config: MEFTConfig):
     if config.stream_arithmetic == "exact":
-        return ExactCoupling(config.torch_stream_dtype, config.frac_bits)
+        return ExactCoupling(config.torch_stream_dtype, config.frac_bits, config.torch_state_dtype)
     return FloatCoupling(config.torch_stream_dtype)
 
 

@@ -5,7 +5,7 @@ autograd in cached mode); `state` is what the arithmetic really keeps (None for 
 
 - FloatCoupling: y = factor * x + b and x = (y - b) / factor in the stream dtype. Each inverse
   multiplies rounding error by 1/factor, so deep stacks lose their gradients (docs/numerics.md).
-- ExactCoupling: streams are int64 fixed point with `frac_bits` fractional bits; factor = 1/m with an
+- ExactCoupling: streams are int64 (or int32) fixed point with `frac_bits` fractional bits; factor = 1/m with an
   integer m; y = floor(x / m) + q(b) and x = m * (y - q(b)) + (x mod m), exactly, by keeping the
   remainder x mod m (only where m > 1): ceil(log2 m) bits per element, bit-packed into bytes for m <= 128
   (4 bits for lam = 0.1, 3 for lam = 1/8), one uint8 per element for m <= 256, else int32; for a power of
@@ -21,7 +21,8 @@ sees. So every quantisation checks its input's range with one min/max reduction 
 every sum that can grow a stream (factor 1) checks the result's range, and a failed check turns the whole
 stream value into NaN, which then flows into F, G, the loss and every gradient as it does in the float
 arithmetic (and in the vanilla backward): DeepSpeed's overflow check sees it and skips the step. The
-invariant kept: |state| < 2^62 for every stream, |quantised block output| < 2^61, so no add can wrap.
+invariant kept: |state| < 2^62 for every stream, |quantised block output| < 2^61, so no add can wrap
+(int32 states: 2^30 and 2^29).
 No check synchronises with the host.
 """
 
@@ -100,15 +101,22 @@ class FloatCoupling:
         return None  # float reconstruction is approximate by design: nothing to verify bit-exactly
 
 
-# Quantised block outputs stay below QUANTISED_LIMIT and stream states below STATE_LIMIT (in magnitude):
-# floor(x / m) + q then never wraps, and for m >= 2 stays below STATE_LIMIT without a check.
-QUANTISED_LIMIT = 2 ** 61
+# Quantised block outputs stay below the quantised limit and stream states below the state limit (in
+# magnitude), 2^(bits-3) and 2^(bits-2) for a `bits`-bit state: floor(x / m) + q then never wraps, and for
+# m >= 2 stays below the state limit without a check.
+QUANTISED_LIMIT = 2 ** 61  # int64 states
 STATE_LIMIT = 2 ** 62
 
 
-def representable_magnitude(frac_bits: int) -> float:
+def limits(state_dtype: torch.dtype) -> tuple[int, int]:
+    """(quantised limit, state limit) for states of `state_dtype` (int64 or int32)."""
+    bits = torch.iinfo(state_dtype).bits
+    return 2 ** (bits - 3), 2 ** (bits - 2)
+
+
+def representable_magnitude(frac_bits: int, state_dtype: torch.dtype = torch.int64) -> float:
     """Largest |value| the exact arithmetic quantises with `frac_bits` fractional bits (exclusive)."""
-    return float(2 ** (61 - frac_bits))
+    return float(limits(state_dtype)[0] / 2 ** frac_bits)
 
 
 def _nan_unless(ok: torch.Tensor) -> torch.Tensor:
@@ -127,10 +135,12 @@ def _within(tensor: torch.Tensor, limit: float) -> torch.Tensor:
 class ExactCoupling:
     needs_side_buffers = True
 
-    def __init__(self, value_dtype: torch.dtype, frac_bits: int):
+    def __init__(self, value_dtype: torch.dtype, frac_bits: int, state_dtype: torch.dtype = torch.int64):
         self.value_dtype = value_dtype
         self.frac_bits = frac_bits
         self.scale = float(2 ** frac_bits)
+        self.state_dtype = state_dtype  # int64, or int32 for half the memory and a range 2^32 times smaller
+        self.quantised_limit, self.state_limit = limits(state_dtype)
 
     @staticmethod
     def divisor(factor: float) -> int:
@@ -144,8 +154,8 @@ class ExactCoupling:
         # three float64 ones. fp16 is widened first: its range (65504) overflows at any useful frac_bits.
         values = values.detach()
         scaled = (values.float() if values.dtype == torch.float16 else values) * self.scale
-        ok = _within(scaled, QUANTISED_LIMIT)  # on the scaled copy: no extra read of `values`
-        return scaled.round_().to(torch.int64), _nan_unless(ok)
+        ok = _within(scaled, self.quantised_limit)  # on the scaled copy: no extra read of `values`
+        return scaled.round_().to(self.state_dtype), _nan_unless(ok)
 
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         return (state.double() / self.scale).to(self.value_dtype)
@@ -171,7 +181,7 @@ class ExactCoupling:
         poison = poison + 0.0 * x.value.detach()[(0,) * x.value.dim()]
         if m == 1:
             state, side = x.state + quantised, None
-            poison = poison + _nan_unless(_within(state, STATE_LIMIT))  # a sum of factor 1 can grow past the range
+            poison = poison + _nan_unless(_within(state, self.state_limit))  # a factor-1 sum can grow past the range
         elif m & (m - 1) == 0:  # a power of two: floor division is an arithmetic shift
             shift = m.bit_length() - 1
             state = (x.state >> shift) + quantised

@@ -60,7 +60,7 @@ ADAM_BYTES = 12  # fp32 master copy + two fp32 moments per trainable weight
 INT64 = FLOAT64 = 8
 
 # The MEFT settings the activation counts below were measured with (MEFTConfig's defaults when they were).
-MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="float32",
+MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="float32", state_dtype="int64",
                               split_layer_recompute=True, num_reversible_layers=None)
 
 

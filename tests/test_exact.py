@@ -171,24 +171,27 @@ def test_packed_remainders_round_trip(m):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("frac_bits", [8, 24, 45])
-def test_quantise_in_the_input_format_gives_the_float64_integers(dtype, frac_bits):
+@pytest.mark.parametrize("frac_bits,state_dtype", [(8, torch.int64), (24, torch.int64), (45, torch.int64),
+                                                   (8, torch.int32), (16, torch.int32)])
+def test_quantise_in_the_input_format_gives_the_float64_integers(dtype, frac_bits, state_dtype):
     """quantise scales and rounds in the input's own format (fp16 widened to fp32): its integers and its range
     flag equal a float64 reference's, on halfway cases, values near the range limit, tiny and subnormal
     values, and values past the range (inf, NaN, too large)."""
-    from meft_ds.coupling import QUANTISED_LIMIT, ExactCoupling
+    from meft_ds.coupling import ExactCoupling, limits
 
-    coupling, info, scale = ExactCoupling(torch.float32, frac_bits), torch.finfo(dtype), 2.0 ** frac_bits
-    limit = QUANTISED_LIMIT / scale
+    coupling, info, scale = ExactCoupling(torch.float32, frac_bits, state_dtype), torch.finfo(dtype), 2.0 ** frac_bits
+    quantised_limit = limits(state_dtype)[0]
+    limit = quantised_limit / scale
     halfway = (torch.arange(-8, 8, dtype=torch.float64) + 0.5) / scale  # ties: round half to even
     edges = torch.tensor([limit * 0.99, -limit * 0.99, info.tiny, -info.tiny, info.tiny / 4, 0.0, -0.0])
     values = torch.cat([halfway, edges.double(), torch.randn(4096, dtype=torch.float64) * 3])
     values = values.clamp(-info.max, info.max).to(dtype)
     state, poison = coupling.quantise(values)
-    assert torch.equal(state, torch.round(values.double() * scale).to(torch.int64)) and poison.item() == 0.0
+    assert state.dtype == state_dtype and poison.item() == 0.0
+    assert torch.equal(state.long(), torch.round(values.double() * scale).to(torch.int64))
     for bad in (limit * 1.01, float("inf"), float("nan")):
         outside = torch.cat([values, torch.tensor([bad]).to(dtype)])
-        expected_ok = bool((outside.double() * scale).abs().lt(QUANTISED_LIMIT).all())
+        expected_ok = bool((outside.double() * scale).abs().lt(quantised_limit).all())
         assert (poison := coupling.quantise(outside)[1]).isnan().item() != expected_ok, (bad, poison)
 
 
@@ -248,3 +251,43 @@ def test_bf16_stream_values_rebuild_exactly_and_match_the_cached_backward(monkey
 def test_bf16_streams_need_the_exact_arithmetic():
     with pytest.raises(ValueError, match="stream_dtype='bfloat16' needs stream_arithmetic='exact'"):
         MEFTConfig(stream_dtype="bfloat16", stream_arithmetic="float")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("model_type,head", [FAMILIES[0], FAMILIES[3], FAMILIES[4]], ids=["bert", "opt", "llama"])
+def test_int32_states_rebuild_exactly_and_match_the_cached_backward(monkeypatch, model_type, head, variant, dtype):
+    """state_dtype="int32" (frac_bits 16): bit-exact rebuild at 12 layers, the same loss as the cached backward
+    through the same fixed-point forward, gradients equal to summation order."""
+    model = exact_model(model_type, head, variant, 12, dtype, state_dtype="int32", frac_bits=16)
+    forward_inputs, rebuilt = record_reconstructions(monkeypatch)
+    loss_v, vanilla = embedding_grad_step(model, make_batch(model), "vanilla")
+    forward_inputs.clear()
+    loss_r, reversible = embedding_grad_step(model, make_batch(model), "reversible")
+    assert torch.equal(loss_v, loss_r)
+    states = [x for pair in forward_inputs.values() for x in pair]
+    assert len(forward_inputs) == 12 and all(x.dtype == torch.int32 for x in states)
+    assert all(torch.equal(rebuilt[k][0], v[0]) and torch.equal(rebuilt[k][1], v[1]) for k, v in forward_inputs.items())
+    errors = {name: rel_err(reversible[name], ref) for name, ref in vanilla.items() if ref is not None}
+    assert max(errors.values()) < (3e-6 if dtype == torch.float32 else 5e-2), max(errors.items(), key=lambda kv: kv[1])
+
+
+def test_int32_states_poison_what_they_cannot_hold():
+    from meft_ds.coupling import ExactCoupling, representable_magnitude
+
+    coupling = ExactCoupling(torch.float32, 16, torch.int32)
+    limit = representable_magnitude(16, torch.int32)
+    assert limit == 2.0 ** 13
+    x = coupling.encode(torch.full((4,), 0.9 * limit))
+    assert x.state.dtype == torch.int32 and torch.isfinite(x.value).all()
+    within, _ = coupling.combine(x, torch.full((4,), 0.9 * limit), 1.0)
+    assert torch.equal(within.value, torch.full((4,), 1.8 * limit))
+    beyond, _ = coupling.combine(within, torch.full((4,), 0.9 * limit), 1.0)  # would wrap an int32
+    assert torch.isnan(beyond.value).all()
+    assert torch.isnan(coupling.encode(torch.full((2,), 1.01 * limit)).value).all()
+
+
+def test_int32_states_need_few_fractional_bits():
+    with pytest.raises(ValueError, match="state_dtype='int32' holds"):
+        MEFTConfig(state_dtype="int32")  # frac_bits 32 by default
+    MEFTConfig(state_dtype="int32", frac_bits=21)
