@@ -25,8 +25,8 @@ from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
 from ..telemetry import RankTelemetry, optimizer_state_bytes, param_bytes
 from .args import RunArgs
-from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, probe_output_disks, resolve_resume_path,
-                         save_checkpoint)
+from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, prepare_resharding, probe_output_disks,
+                         resolve_resume_path, save_checkpoint)
 from .distributed import DistEnv, all_gather_floats, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
 from .modeling import (ModelRecipe, build_model, check_sequence_length, load_tokenizer, make_recipe, num_parameters,
@@ -225,8 +225,20 @@ def setup(args: RunArgs) -> Run:
     torch.manual_seed(args.seed)  # adapter / head init; dropout draws continue from here (saved per checkpoint)
     recipe = make_recipe(args, spec, tokenizer)
     identity = run_identity(recipe, ds_config, args)
+    universal = None
     if resume_path is not None:
-        check_same_run(json.loads((resume_path / TRAINER_STATE).read_text()), identity, resume_path)
+        saved = json.loads((resume_path / TRAINER_STATE).read_text())
+        check_same_run(saved, identity, resume_path)
+        if saved["global_batch_size"] != global_size:
+            raise ValueError(f"{resume_path} was trained with global batch {saved['global_batch_size']}, this run "
+                             f"has {global_size}; resume with the same global batch (per_device_train_batch_size x "
+                             "gradient_accumulation_steps x world size) so the data order continues.")
+        if total_steps < saved["global_step"]:
+            raise ValueError(f"{resume_path} is at step {saved['global_step']}, past this run's {total_steps} steps "
+                             "(--max_steps / --num_train_epochs); pass a larger --max_steps to train on.")
+        if saved["world_size"] != env.world_size:  # re-shard through DeepSpeed's universal checkpoint format
+            universal = prepare_resharding(resume_path, saved, env)
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     model = build_model(recipe, dtype=_torch_dtype(args), ds_config=ds_config)
     trainable, total_parameters = num_parameters(model, trainable_only=True), num_parameters(model)
     schedule = linear_schedule(total_steps, warmup_steps)
@@ -246,16 +258,10 @@ def setup(args: RunArgs) -> Run:
     state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": [],
              "total_steps": total_steps, **identity}
     if resume_path is not None:
-        state = load_checkpoint(engine, resume_path, env)
-        if state["global_batch_size"] != global_size:
-            raise ValueError(f"{resume_path} was trained with global batch {state['global_batch_size']}, this run "
-                             f"has {global_size}; resume with the same batch flags so the data order continues.")
-        if total_steps < state["global_step"]:
-            raise ValueError(f"{resume_path} is at step {state['global_step']}, past this run's {total_steps} steps "
-                             "(--max_steps / --num_train_epochs); pass a larger --max_steps to train on.")
+        state = load_checkpoint(engine, resume_path, env, universal=universal, seed=args.seed)
         logger.info("resumed from %s at step %d", resume_path, state["global_step"])
         continue_schedule(scheduler, schedule, state.get("total_steps"), total_steps, warmup_steps, state["global_step"])
-        state.update(total_steps=total_steps, **identity)
+        state.update(total_steps=total_steps, world_size=env.world_size, **identity)
     barrier()  # every rank passed every check before rank 0 writes anything
     return Run(args, env, ds_config, spec, data, collate_fn(tokenizer), recipe, engine, optimizer, scheduler,
                total_steps, steps_per_epoch, global_size, trainable, state)
