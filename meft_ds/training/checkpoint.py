@@ -269,6 +269,7 @@ def load_checkpoint(engine, path: Path, env: DistEnv, universal: Path | None = N
     if loaded is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {load_dir / DEEPSPEED_TAG}.")
     if universal is not None:
+        _unshare_step_counters(engine.optimizer)
         torch.manual_seed((seed * 1_000_003 + trainer_state["global_step"]) * 1_009 + env.rank)
         return trainer_state
     rng = torch.load(path / _rng_file(env.rank), weights_only=True)
@@ -276,6 +277,17 @@ def load_checkpoint(engine, path: Path, env: DistEnv, universal: Path | None = N
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])
     return trainer_state
+
+
+def _unshare_step_counters(optimizer) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load stores one and the same `step` tensor in the state of every
+    parameter sub-group; torch's Adam increments it in place once per sub-group and step, so with two sub-groups
+    (weights with and without weight decay) the bias correction ran ahead and the resumed run drifted (4e-4 in
+    the adapter weights after 2 steps of tests/test_resharding.py). Each sub-group gets its own counter."""
+    inner = getattr(optimizer, "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def trainable_state_dict(engine) -> dict[str, torch.Tensor]:

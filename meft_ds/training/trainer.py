@@ -23,11 +23,12 @@ import torch.distributed as dist
 
 from ..data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from ..metrics import compute_metrics, lm_loss_sums, lm_metrics
+from ..reversible import MEFTStack
 from ..telemetry import RankTelemetry, optimizer_state_bytes, param_bytes
 from .args import RunArgs
 from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, prepare_resharding, probe_output_disks,
                          resolve_resume_path, save_checkpoint)
-from .distributed import DistEnv, all_gather_floats, barrier, init_distributed, local_main_first
+from .distributed import DistEnv, all_gather_floats, all_gather_objects, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
 from .modeling import (ModelRecipe, build_model, check_sequence_length, load_tokenizer, make_recipe, num_parameters,
                        param_groups, release_weights_after_recompute)
@@ -76,10 +77,14 @@ class NonFiniteGuard:
     scale it lowers, is the normal path. Otherwise `policy` says: "stop" raises NonFiniteError (nothing
     is saved or exported afterwards); "skip" goes on unless MAX_CONSECUTIVE_NONFINITE steps in a row were
     skipped. A non-finite step that DeepSpeed applied anyway always stops: the weights are no longer finite.
+
+    locate: optional callable returning where the step's forward first went non-finite, in words (or None when
+    not known), called on every rank at once, only for a non-finite step that is not fp16's normal skip
+    (`locate_nonfinite`: a collective).
     """
 
-    def __init__(self, policy: str, fp16: bool, rank: int):
-        self.policy, self.fp16, self.rank = policy, fp16, rank
+    def __init__(self, policy: str, fp16: bool, rank: int, locate=None):
+        self.policy, self.fp16, self.rank, self.locate = policy, fp16, rank, locate
         self.consecutive = 0
 
     def check(self, step: int, rank_losses: list[float], grad_norm, applied: bool) -> bool:
@@ -93,6 +98,9 @@ class NonFiniteGuard:
         what = (f"step {step}: " + (f"non-finite loss on rank {', '.join(map(str, bad_ranks))} "
                                     f"({', '.join(str(rank_losses[r]) for r in bad_ranks)})" if bad_ranks else "loss finite")
                 + f", gradient norm {grad_norm}")
+        where = self.locate() if self.locate is not None and not (self.fp16 and not applied) else None
+        if where:
+            what += f", first non-finite stream: {where}"
         if applied:
             raise NonFiniteError(f"{what}, and the optimizer applied this step (DeepSpeed checked no gradient "
                                  "overflow: ZeRO stage 0 fp32, or gradient-norm computation off), so the weights are "
@@ -109,6 +117,14 @@ class NonFiniteGuard:
                                  f"(--nonfinite skip stops after {MAX_CONSECUTIVE_NONFINITE}).")
         logger.warning("%s: step skipped (--nonfinite skip; %d in a row)", what, self.consecutive)
         return False
+
+
+def locate_nonfinite(stacks: list, env: DistEnv) -> str | None:
+    """Where each rank's MEFT streams first went non-finite in this step's forwards (MEFTStack.first_nonfinite_layer),
+    gathered from every rank; None when no rank knows (no MEFT stack, float arithmetic). Collective."""
+    local = "; ".join(d for d in (stack.first_nonfinite_layer() for stack in stacks) if d) or None
+    found = all_gather_objects(local) if env.world_size > 1 else [local]
+    return ", ".join(f"rank {rank}: {where}" for rank, where in enumerate(found) if where) or None
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -386,7 +402,8 @@ def fit(run: Run) -> dict:
     progress = tqdm(total=run.total_steps, initial=state["global_step"], disable=not env.is_main, desc="train",
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
     start_step, start_time, epoch, batches = state["global_step"], time.perf_counter(), None, []
-    guard = NonFiniteGuard(args.nonfinite, bool(args.fp16), env.rank)
+    stacks = [module for module in engine.module.modules() if isinstance(module, MEFTStack)]
+    guard = NonFiniteGuard(args.nonfinite, bool(args.fp16), env.rank, locate=lambda: locate_nonfinite(stacks, env))
     run_losses = []
     while state["global_step"] < run.total_steps:
         step = state["global_step"]
@@ -397,6 +414,8 @@ def fit(run: Run) -> dict:
         batch_indices = batches[step % run.steps_per_epoch]
         learning_rate = run.scheduler.get_last_lr()[0]
         telemetry.begin_step(step + 1)
+        for stack in stacks:
+            stack.reset_nonfinite_record()  # so that a non-finite step names its own first bad layer
         loss_sum, samples, tokens = torch.zeros(()), 0, 0
         for micro_step in range(accumulation):
             rows = micro_batch(batch_indices, micro_step, env.rank, env.world_size, args.per_device_train_batch_size)
