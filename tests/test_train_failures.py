@@ -51,6 +51,8 @@ def test_a_non_finite_step_stops_or_is_skipped(tmp_path, tiny_model, policy):
         assert result.returncode == 3, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "non-finite loss on rank 0 (inf)" in errors[0], result.stderr[-3000:]
+        # The label, not a layer, overflowed: every MEFT layer's output was finite, and the message says so.
+        assert "first non-finite stream: rank 0: none of MEFT layers 0-1 (their outputs were finite)" in errors[0]
         assert "Traceback" not in result.stderr
         assert not (output / "adapter_model.safetensors").exists()
     else:
