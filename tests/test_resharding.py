@@ -33,6 +33,7 @@ def _args(tmp_path, output: str, stage: int, world_size: int, **extra) -> dict:
     return dict(model_name_or_path=str(tmp_path / "model"), task_name="sst2", data_dir=str(tmp_path / "data"),
                 deepspeed=str(tmp_path / f"zero{stage}.json"), max_seq_length=32, per_device_train_batch_size=MICRO_BATCH,
                 gradient_accumulation_steps=GLOBAL_BATCH // (MICRO_BATCH * world_size), learning_rate=1e-2,
+                weight_decay=0.1,  # two optimizer groups that differ (matrices decay, biases do not)
                 max_steps=4, save_steps=2, logging_steps=1, output_dir=str(tmp_path / f"zero{stage}" / output),
                 master_port=0, **extra)
 

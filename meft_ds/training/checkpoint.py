@@ -265,11 +265,18 @@ def load_checkpoint(engine, path: Path, env: DistEnv, universal: Path | None = N
         raise ValueError(f"{path} was saved by {trainer_state['world_size']} ranks, this run has {env.world_size}; "
                          "it must be converted first (prepare_resharding).")
     load_dir = path if universal is None else universal
+    inner = getattr(engine.optimizer, "optimizer", None)
+    decay = [group.get("weight_decay") for group in getattr(inner, "param_groups", [])]
     loaded, _ = engine.load_checkpoint(str(load_dir), tag=DEEPSPEED_TAG, load_module_strict=False)
     if loaded is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {load_dir / DEEPSPEED_TAG}.")
     if universal is not None:
         _unshare_step_counters(engine.optimizer)
+        # DeepSpeed 0.19.8's ZeRO-3 universal load copies the first group's hyperparameters into every group: the
+        # no-decay group (biases, norms, mix) would get weight decay. The run identity check made them equal to the
+        # checkpoint's, so this run's own per-group values are the saved ones.
+        for group, value in zip(getattr(inner, "param_groups", []), decay):
+            group["weight_decay"] = value
         torch.manual_seed((seed * 1_000_003 + trainer_state["global_step"]) * 1_009 + env.rank)
         return trainer_state
     rng = torch.load(path / _rng_file(env.rank), weights_only=True)
