@@ -16,7 +16,7 @@ Where the numbers come from:
   with the launcher's targets), so frozen and trainable counts are the real ones. Full fine-tuning rows
   also show DeepSpeed's own estimate (estimate_zero2/zero3_model_states_mem_needs), which assumes that
   every weight trains and is therefore only meaningful there.
-- Model states per rank follow what DeepSpeed allocates and what meft_ds.telemetry reads back: weights in
+- Model states per rank follow what DeepSpeed allocates and what meft_ds.training.telemetry reads back: weights in
   the training precision (ZeRO-3: each rank a 1/N slice of every weight, and weights of at most
   stage3_param_persistence_threshold elements also kept whole), the reduced gradient partition in the
   training precision (1/N from ZeRO-1 on), fp32 master weights and two Adam moments (12 bytes per
@@ -144,7 +144,7 @@ def model_states(params, stage: int, offload: bool, world: int, weight_bytes: in
     if stage == 0:  # every rank all of it (bf16/fp16: an fp32 copy of the gradients exists during the step only,
         grads = weight_bytes * trainable  # when the activations are gone)
         optimizer = ADAM_BYTES * trainable
-    else:  # the reduced gradient partition and the optimizer shard (meft_ds.telemetry reads both)
+    else:  # the reduced gradient partition and the optimizer shard (meft_ds.training.telemetry reads both)
         grads = weight_bytes * math.ceil(trainable / world)
         optimizer = ADAM_BYTES * math.ceil(trainable / world)
     # ZeRO-3 gathers small weights once and keeps them whole on every rank (besides their slice).

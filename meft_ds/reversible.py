@@ -28,7 +28,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .coupling import Stream
+from .coupling import ExactCoupling, Stream
 
 # F or G: called as block(meft_layer, hidden_states, inputs) -> hidden_states.
 BlockFn = Callable[["MEFTLayer", torch.Tensor, dict], torch.Tensor]
@@ -100,6 +100,8 @@ class MEFTLayer(nn.Module):
         self.f, self.g = f, g
         self.lam, self.beta, self.switched = lam, beta, switched
         self.coupling = None
+        # Set by the stack for the exact arithmetic (MEFTStack.first_nonfinite_layer); a 4-element tensor.
+        self.record_nonfinite, self.nonfinite_flags = False, None
 
     def run_block(self, block: BlockFn, value: torch.Tensor, inputs: dict, seed: int | None,
                   compute_dtype: torch.dtype) -> torch.Tensor:
@@ -113,6 +115,11 @@ class MEFTLayer(nn.Module):
                                           self.lam)
         y2, side2 = self.coupling.combine(x2, self.run_block(self.g, y1.value, inputs, seeds[1], compute_dtype),
                                           self.beta)
+        if self.record_nonfinite:
+            # Exact arithmetic: a failed range check made the whole stream NaN, so one element of each stream
+            # says whether it was poisoned (inputs: 0, 1; outputs: 2, 3). Summed over the step's forwards.
+            flags = torch.stack([x.value.detach()[(0,) * x.value.dim()] for x in (x1, x2, y1, y2)])
+            self.nonfinite_flags = flags if self.nonfinite_flags is None else self.nonfinite_flags + flags
         return ((y2, y1) if self.switched else (y1, y2)), (side1, side2)
 
     def recompute_backward(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
@@ -359,6 +366,7 @@ class MEFTStack(nn.Module):
         self.coupling = coupling
         for layer in self.meft_layers:
             layer.coupling = coupling
+            layer.record_nonfinite = isinstance(coupling, ExactCoupling)
         self.backward_mode = backward
         # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor refuses.
         self.mix = nn.Parameter(torch.zeros(1))
@@ -385,6 +393,27 @@ class MEFTStack(nn.Module):
             yield result
         finally:
             self._reconstruction = None
+
+    def first_nonfinite_layer(self) -> str | None:
+        """Where the streams of the forwards since `reset_nonfinite_record` first held NaN / Inf / an out-of-range
+        value, in words; None when that is not known (float arithmetic: a non-finite element need not reach the
+        one element read per layer, and checking every element would be a second pass over the streams).
+        Reads a few flags from the device: for the error path, not for every step."""
+        layers = list(self.meft_layers)
+        if not layers or not layers[0].record_nonfinite or layers[0].nonfinite_flags is None:
+            return None
+        first = len(self.frozen_layers)
+        flags = torch.stack([layer.nonfinite_flags for layer in layers]).isfinite().cpu()
+        if not bool(flags[0, :2].all()):
+            return f"the input of MEFT layer {first} (the embeddings or the frozen layers below it)"
+        for i in range(len(layers)):
+            if not bool(flags[i, 2:].all()):
+                return f"MEFT layer {first + i} (its F or G output was not finite or beyond the fixed-point range)"
+        return f"none of MEFT layers {first}-{first + len(layers) - 1} (their outputs were finite)"
+
+    def reset_nonfinite_record(self) -> None:
+        for layer in self.meft_layers:
+            layer.nonfinite_flags = None
 
     @property
     def stream_dtype(self) -> torch.dtype:

@@ -137,3 +137,67 @@ def test_non_finite_weights_are_never_exported(tmp_path):
     with pytest.raises(NonFiniteAdapterError, match=r"1 trained weight\(s\) hold NaN or Inf \(first: bias\)"):
         export_adapter(Engine(), None, str(tmp_path / "out"), DistEnv(rank=0, world_size=1, local_rank=0))
     assert not (tmp_path / "out").exists()
+
+
+def _stack(model) -> MEFTStack:
+    return next(m for m in model.modules() if isinstance(m, MEFTStack))
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("mode", ["reversible", "vanilla"])
+def test_the_first_non_finite_layer_is_named(layer, mode):
+    """Exact arithmetic: the per-layer flags (one stream element each, read only on the error path) name the
+    layer whose F output went non-finite, in both backward modes, and the input when the embeddings did."""
+    model = llama_with_bad_f_output("meft1", "exact", float("inf"), layer=layer)
+    stack = _stack(model)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    stack.backward_mode = mode
+    batch = make_batch(model)
+    model.train()
+    model(**batch)
+    assert stack.first_nonfinite_layer() == (f"MEFT layer {layer} (its F or G output was not finite or beyond "
+                                             "the fixed-point range)")
+    stack.reset_nonfinite_record()
+    assert stack.first_nonfinite_layer() is None  # nothing recorded since the reset
+    clean = build("llama", tf.LlamaForCausalLM, num_layers=4, dtype=torch.float32)
+    make_reversible(clean, MEFTConfig(variant="meft1", stream_arithmetic="exact", num_frozen_layers=1))
+    clean.train()
+    clean(**batch)
+    assert _stack(clean).first_nonfinite_layer() == "none of MEFT layers 1-3 (their outputs were finite)"
+    with torch.no_grad():
+        clean.get_input_embeddings().weight[batch["input_ids"][0, 0]] = float("nan")
+    clean(**batch)  # summed with the clean forward before: a step's micro-batches all count
+    assert _stack(clean).first_nonfinite_layer() == ("the input of MEFT layer 1 (the embeddings or the frozen "
+                                                     "layers below it)")
+
+
+def test_float_arithmetic_does_not_claim_a_layer():
+    """Float streams: an Inf in one element need not reach the element the flags read; naming no layer is
+    honest, naming a wrong one would not be."""
+    model = llama_with_bad_f_output("meft1", "float", float("inf"), layer=1)
+    model.train()
+    model(**make_batch(model))
+    assert _stack(model).first_nonfinite_layer() is None
+
+
+def test_the_stop_message_names_step_rank_and_layer():
+    """The guard with the trainer's locate_nonfinite over a real model (one rank: no collective)."""
+    from meft_ds.training.distributed import DistEnv
+    from meft_ds.training.trainer import NonFiniteError, NonFiniteGuard, locate_nonfinite
+
+    model = llama_with_bad_f_output("meft1", "exact", float("nan"), layer=3)
+    model.train()
+    loss = model(**make_batch(model)).loss
+    located = []
+
+    def locate():
+        located.append(True)
+        return locate_nonfinite([_stack(model)], DistEnv(rank=0, world_size=1, local_rank=0))
+
+    with pytest.raises(NonFiniteError, match=r"^step 7: non-finite loss on rank 0 \(nan\), gradient norm nan, first "
+                                             r"non-finite stream: rank 0: MEFT layer 3 \(its F or G output"):
+        NonFiniteGuard("stop", fp16=False, rank=0, locate=locate).check(7, [loss.item()], float("nan"), applied=False)
+    fp16 = NonFiniteGuard("stop", fp16=True, rank=0, locate=locate)
+    located.clear()
+    assert not fp16.check(8, [loss.item()], float("inf"), applied=False)
+    assert not located  # the loss scaler's normal skip asks nothing (no collective on that path)

@@ -4,7 +4,7 @@
   checkpointing at two depths, and for MEFT's causal-LM loss, against benchmarks/measure.py's
   PeakTensorTracker (every tensor alive at once during forward + backward) minus the trainable weights'
   gradients, which the planner reports as their own component.
-- Model states (slow): parameter, gradient and optimizer-state bytes per rank against what meft_ds.telemetry
+- Model states (slow): parameter, gradient and optimizer-state bytes per rank against what meft_ds.training.telemetry
   logged for each rank of real 2-rank DeepSpeed runs (gloo), ZeRO-1, 2 and 3, bf16 and fp32, MEFT, LoRA, full.
 - The command line: --help, one real table, one `error:` line and exit 2 for a bad --gpu_memory.
 Every predicted component must be within 10% of its measurement.

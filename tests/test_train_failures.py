@@ -51,6 +51,8 @@ def test_a_non_finite_step_stops_or_is_skipped(tmp_path, tiny_model, policy):
         assert result.returncode == 3, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "non-finite loss on rank 0 (inf)" in errors[0], result.stderr[-3000:]
+        # The label, not a layer, overflowed: every MEFT layer's output was finite, and the message says so.
+        assert "first non-finite stream: rank 0: none of MEFT layers 0-1 (their outputs were finite)" in errors[0]
         assert "Traceback" not in result.stderr
         assert not (output / "adapter_model.safetensors").exists()
     else:
@@ -86,14 +88,16 @@ def sst2_flags(tmp_path, model, output: str) -> list:
     (["--variant", "meft2"], "model_recipe.meft_config.variant='meft1', this run has 'meft2'"),
     (["--deepspeed", "zero3"], "zero_stage=2, this run has 3"),
     (["--max_steps", 1], "is at step 2, past this run's 1 steps"),
-    (["--world_size", 2], "was saved by 2 ranks, this run has 1"),
-    (["--per_device_train_batch_size", 4], "was trained with global batch 8, this run has 4"),
+    (["--world_size", 2], "was saved by 2 ranks, this run has 1: re-sharding needs every rank's DeepSpeed shard in "
+                          "one folder, and rank 0's disk lacks deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt; "
+                          "gather each host's checkpoint-<step>/"),
+    (["--per_device_train_batch_size", 4], "was trained with global batch 8, this run has 4; resume with the same global batch"),
 ])
 def test_a_resume_that_is_not_the_same_run_is_refused(finished_run, tiny_model, change, field, tmp_path):
     checkpoint = finished_run / "first" / "checkpoint-2"
     if change[0] == "--deepspeed":
         change = ["--deepspeed", write_preset(finished_run / "zero3.json", stage=3)]
-    elif change[0] == "--world_size":  # as if saved by 2 ranks: a copy whose trainer state says so
+    elif change[0] == "--world_size":  # as if saved by 2 ranks on two disks: rank 1's shard is not on this one
         checkpoint = Path(shutil.copytree(checkpoint, tmp_path / "checkpoint-2"))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         (checkpoint / "trainer_state.json").write_text(json.dumps(state | {"world_size": 2}))

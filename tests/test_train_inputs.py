@@ -23,7 +23,7 @@ from meft_ds.training.checkpoint import TRAINER_STATE, resolve_resume_path, save
 from meft_ds.training.distributed import DistEnv
 from meft_ds.training.modeling import ModelRecipe, build_model, param_groups
 from meft_ds.training.trainer import global_batches, linear_schedule, micro_batch
-from train_helpers import free_port, launcher_command, run, save_tiny_bert
+from train_helpers import free_port, launcher_command, run, save_tiny_bert, write_tiny_sst2
 
 ISSUE_FLAGS = (
     "model_name_or_path task_name data_dir train_file validation_file max_seq_length per_device_train_batch_size "
@@ -76,6 +76,13 @@ def test_defaults_are_the_offline_model_and_the_sst2_sample():
 def test_invalid_settings_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RunArgs(model_name_or_path="unused", **kwargs)
+
+
+def test_an_unknown_nonfinite_policy_is_a_choice_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--nonfinite", "maybe"])
+    assert exit_info.value.code == 2
+    assert "error: argument --nonfinite: invalid choice: 'maybe'" in capsys.readouterr().err  # then the choices
 
 
 def test_check_inputs_finds_missing_files_and_keeps_earlier_runs(tmp_path):
@@ -219,7 +226,8 @@ def test_param_groups_hold_only_trainable_weights(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["nonempty_output_dir", "conflicting_ds_value", "missing_train_file", "fp16_on_cpu",
-                                  "hub_task_offline", "sequence_beyond_positions", "frozen_layers_with_lora"])
+                                  "hub_task_offline", "sequence_beyond_positions", "frozen_layers_with_lora",
+                                  "train_set_below_one_global_batch"])
 def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, case):
     output = tmp_path / "out"
     flags = ["--output_dir", output]
@@ -244,6 +252,10 @@ def test_launcher_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, cas
     elif case == "frozen_layers_with_lora":
         flags += ["--method", "lora", "--num_frozen_layers", "2"]
         expected = "--num_frozen_layers applies to --method meft only"
+    elif case == "train_set_below_one_global_batch":
+        data = write_tiny_sst2(tmp_path / "data", train_lines=4, dev_lines=2)
+        flags += ["--task_name", "sst2", "--data_dir", data, "--per_device_train_batch_size", 8]
+        expected = "The training set has 4 examples, fewer than one global batch of 8"
     else:
         if fp16_supported_here():
             pytest.skip("this machine's accelerator supports fp16, so fp16 is not a bad input here "

@@ -22,6 +22,7 @@ meft_ds.adapter_io.write_adapter (the same directory `save_pretrained` of a conv
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -34,11 +35,14 @@ from .distributed import DistEnv, all_gather_objects, barrier
 
 __all__ = ["save_checkpoint", "find_latest_checkpoint", "resolve_resume_path", "load_checkpoint",
            "trainable_state_dict", "export_adapter", "load_adapter_model", "probe_output_disks",
-           "agree_on_latest_checkpoint"]
+           "agree_on_latest_checkpoint", "prepare_resharding", "missing_shard_files"]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 DEEPSPEED_TAG = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
+UNIVERSAL_DIR = "universal"  # <checkpoint>/universal/: the checkpoint converted for another world size
+
+logger = logging.getLogger("meft_ds.train")
 
 
 def _rng_file(rank: int) -> str:
@@ -163,24 +167,134 @@ def resolve_resume_path(resume_from_checkpoint: str, output_dir: str, env: DistE
     return path
 
 
-def load_checkpoint(engine, path: Path, env: DistEnv) -> dict:
+def missing_shard_files(path: Path, saved_state: dict) -> list[str]:
+    """DeepSpeed files of `path` (relative names) that a re-sharding needs and this rank's disk lacks: every
+    saved rank's optimizer partition, and the model states (one file; one per rank with ZeRO-3)."""
+    world_size, stage = saved_state["world_size"], saved_state.get("zero_stage")
+    folder = path / DEEPSPEED_TAG
+    if stage is None:  # a checkpoint written before the stage was recorded: ZeRO-3 writes model states per rank
+        stage = 3 if any(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")) else 2
+    prefix = "bf16_" if saved_state.get("precision") == "bf16" else ""  # DeepSpeed's name for bf16 optimizer files
+    missing = []
+    for rank in range(world_size):
+        if not any(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")):
+            missing.append(f"{DEEPSPEED_TAG}/{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        model_states = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+        if (stage == 3 or rank == 0) and not (folder / model_states).is_file():
+            missing.append(f"{DEEPSPEED_TAG}/{model_states}")
+    return missing
+
+
+def prepare_resharding(path: Path, saved_state: dict, env: DistEnv) -> Path:
+    """Convert the checkpoint in `path`, saved by another number of ranks, into DeepSpeed's universal format
+    (deepspeed.checkpoint.ds_to_universal) in <path>/universal/, once per disk, and return that directory
+    (load it with "checkpoint": {"load_universal": true}). An existing conversion is reused. Collective.
+
+    The lowest rank that sees `path` converts into <path>/.tmp-universal/ and renames it, so a directory named
+    universal/ is complete. Converting needs every saved rank's optimizer partition on that disk: with a disk
+    per host, each host holds only its own ranks' files until they are gathered (docs/training.md).
+
+    Raises ValueError (one line, on every rank) for a ZeRO stage 0 checkpoint (no partitioned optimizer state
+    to convert), for shard files missing on some rank's disk (named), or when the conversion fails.
+    """
+    saved_world = saved_state["world_size"]
+    stage = saved_state.get("zero_stage")
+    if stage == 0:
+        raise ValueError(f"{path} was saved by {saved_world} ranks with ZeRO stage 0, this run has {env.world_size}: "
+                         "only ZeRO 1/2/3 checkpoints can be re-sharded; resume with the same world size.")
+    universal = path / UNIVERSAL_DIR
+    missing = [] if universal.is_dir() else missing_shard_files(path, saved_state)
+    for rank, files in enumerate(all_gather_objects(missing) if env.world_size > 1 else [missing]):
+        if files:
+            raise ValueError(
+                f"{path} was saved by {saved_world} ranks, this run has {env.world_size}: re-sharding needs every "
+                f"rank's DeepSpeed shard in one folder, and rank {rank}'s disk lacks {', '.join(files)}; gather each "
+                "host's checkpoint-<step>/ into one folder (e.g. rsync -a host:<output_dir>/checkpoint-<step>/ "
+                "<output_dir>/checkpoint-<step>/ from every host) on every disk the new ranks read, then resume again.")
+    logger.info("re-sharding %s from %d to %d ranks (DeepSpeed universal checkpoint in %s/%s)", path, saved_world,
+                env.world_size, path.name, UNIVERSAL_DIR)
+    converts = probe_output_disks(str(path), env) and not universal.is_dir()
+    failure = ""
+    if converts:
+        try:
+            _convert_to_universal(path)
+        except Exception as error:  # noqa: BLE001 - reported on every rank below, so none waits for this one
+            failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    failures = all_gather_objects(failure) if env.world_size > 1 else [failure]
+    for rank, failure in enumerate(failures):
+        if failure:
+            raise ValueError(f"{path}: converting to a universal checkpoint (ZeRO stage {stage}) to re-shard it "
+                             f"from {saved_world} to {env.world_size} ranks failed on rank {rank}: {failure}")
+    return universal
+
+
+def _convert_to_universal(path: Path) -> None:
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    staging, final = path / f".tmp-{UNIVERSAL_DIR}", path / UNIVERSAL_DIR
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted conversion
+    # inject_missing_state: DeepSpeed's engine does not record the universal-checkpoint version itself (only
+    # Megatron-style clients do); our parameters need no reshaping rules, so the default record is right.
+    options = argparse.Namespace(input_folder=str(path / DEEPSPEED_TAG), output_folder=str(staging / DEEPSPEED_TAG),
+                                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                 inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; failures raise
+        ds_to_universal(options)
+    os.replace(staging, final)
+
+
+def load_checkpoint(engine, path: Path, env: DistEnv, universal: Path | None = None, seed: int = 0) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG from `path`; return its trainer state.
 
-    Raises ValueError when the checkpoint was written with another world size (each rank's RNG state and
-    ZeRO partition are per rank; re-sharding through DeepSpeed's universal checkpoints is not wired in).
+    universal: the converted directory (`prepare_resharding`) when the checkpoint was saved by another number
+    of ranks; the engine must have been built with "checkpoint": {"load_universal": true}. Trainable weights and
+    optimizer state are then re-sharded by DeepSpeed; the per-rank RNG states cannot be mapped onto other ranks,
+    so each rank is re-seeded from (seed, step, rank): deterministic, but not the stream the old run would have
+    drawn (identical results need dropout 0). The data position needs nothing: it is a function of the global
+    step and the global batch only.
+
+    Raises ValueError when the checkpoint was written with another world size and `universal` is None.
     """
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    if trainer_state["world_size"] != env.world_size:
+    if trainer_state["world_size"] != env.world_size and universal is None:
         raise ValueError(f"{path} was saved by {trainer_state['world_size']} ranks, this run has {env.world_size}; "
-                         "resume with the same world size (this trainer cannot re-shard a checkpoint yet).")
-    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=False)
+                         "it must be converted first (prepare_resharding).")
+    load_dir = path if universal is None else universal
+    inner = getattr(engine.optimizer, "optimizer", None)
+    decay = [group.get("weight_decay") for group in getattr(inner, "param_groups", [])]
+    loaded, _ = engine.load_checkpoint(str(load_dir), tag=DEEPSPEED_TAG, load_module_strict=False)
     if loaded is None:
-        raise ValueError(f"DeepSpeed could not load the checkpoint in {path / DEEPSPEED_TAG}.")
+        raise ValueError(f"DeepSpeed could not load the checkpoint in {load_dir / DEEPSPEED_TAG}.")
+    if universal is not None:
+        _unshare_step_counters(engine.optimizer)
+        # DeepSpeed 0.19.8's ZeRO-3 universal load copies the first group's hyperparameters into every group: the
+        # no-decay group (biases, norms, mix) would get weight decay. The run identity check made them equal to the
+        # checkpoint's, so this run's own per-group values are the saved ones.
+        for group, value in zip(getattr(inner, "param_groups", []), decay):
+            group["weight_decay"] = value
+        torch.manual_seed((seed * 1_000_003 + trainer_state["global_step"]) * 1_009 + env.rank)
+        return trainer_state
     rng = torch.load(path / _rng_file(env.rank), weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])
     return trainer_state
+
+
+def _unshare_step_counters(optimizer) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load stores one and the same `step` tensor in the state of every
+    parameter sub-group; torch's Adam increments it in place once per sub-group and step, so with two sub-groups
+    (weights with and without weight decay) the bias correction ran ahead and the resumed run drifted (4e-4 in
+    the adapter weights after 2 steps of tests/test_resharding.py). Each sub-group gets its own counter."""
+    inner = getattr(optimizer, "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def trainable_state_dict(engine) -> dict[str, torch.Tensor]:

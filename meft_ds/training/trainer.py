@@ -21,13 +21,14 @@ import datasets
 import torch
 import torch.distributed as dist
 
+from ..reversible import MEFTStack
 from .data import TaskSpec, collate_fn, load_task_datasets, tokenize_dataset
 from .metrics import compute_metrics, lm_loss_sums, lm_metrics
 from .telemetry import RankTelemetry, optimizer_state_bytes, param_bytes
 from .args import RunArgs
-from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, probe_output_disks, resolve_resume_path,
-                         save_checkpoint)
-from .distributed import DistEnv, all_gather_floats, barrier, init_distributed, local_main_first
+from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, prepare_resharding, probe_output_disks,
+                         resolve_resume_path, save_checkpoint)
+from .distributed import DistEnv, all_gather_floats, all_gather_objects, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
 from .modeling import (ModelRecipe, build_model, check_sequence_length, load_tokenizer, make_recipe, num_parameters,
                        param_groups, release_weights_after_recompute)
@@ -76,10 +77,14 @@ class NonFiniteGuard:
     scale it lowers, is the normal path. Otherwise `policy` says: "stop" raises NonFiniteError (nothing
     is saved or exported afterwards); "skip" goes on unless MAX_CONSECUTIVE_NONFINITE steps in a row were
     skipped. A non-finite step that DeepSpeed applied anyway always stops: the weights are no longer finite.
+
+    locate: optional callable returning where the step's forward first went non-finite, in words (or None when
+    not known), called on every rank at once, only for a non-finite step that is not fp16's normal skip
+    (`locate_nonfinite`: a collective).
     """
 
-    def __init__(self, policy: str, fp16: bool, rank: int):
-        self.policy, self.fp16, self.rank = policy, fp16, rank
+    def __init__(self, policy: str, fp16: bool, rank: int, locate=None):
+        self.policy, self.fp16, self.rank, self.locate = policy, fp16, rank, locate
         self.consecutive = 0
 
     def check(self, step: int, rank_losses: list[float], grad_norm, applied: bool) -> bool:
@@ -93,6 +98,9 @@ class NonFiniteGuard:
         what = (f"step {step}: " + (f"non-finite loss on rank {', '.join(map(str, bad_ranks))} "
                                     f"({', '.join(str(rank_losses[r]) for r in bad_ranks)})" if bad_ranks else "loss finite")
                 + f", gradient norm {grad_norm}")
+        where = self.locate() if self.locate is not None and not (self.fp16 and not applied) else None
+        if where:
+            what += f", first non-finite stream: {where}"
         if applied:
             raise NonFiniteError(f"{what}, and the optimizer applied this step (DeepSpeed checked no gradient "
                                  "overflow: ZeRO stage 0 fp32, or gradient-norm computation off), so the weights are "
@@ -109,6 +117,14 @@ class NonFiniteGuard:
                                  f"(--nonfinite skip stops after {MAX_CONSECUTIVE_NONFINITE}).")
         logger.warning("%s: step skipped (--nonfinite skip; %d in a row)", what, self.consecutive)
         return False
+
+
+def locate_nonfinite(stacks: list, env: DistEnv) -> str | None:
+    """Where each rank's MEFT streams first went non-finite in this step's forwards (MEFTStack.first_nonfinite_layer),
+    gathered from every rank; None when no rank knows (no MEFT stack, float arithmetic). Collective."""
+    local = "; ".join(d for d in (stack.first_nonfinite_layer() for stack in stacks) if d) or None
+    found = all_gather_objects(local) if env.world_size > 1 else [local]
+    return ", ".join(f"rank {rank}: {where}" for rank, where in enumerate(found) if where) or None
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -228,8 +244,20 @@ def setup(args: RunArgs) -> Run:
     torch.manual_seed(args.seed)  # adapter / head init; dropout draws continue from here (saved per checkpoint)
     recipe = make_recipe(args, spec, tokenizer)
     identity = run_identity(recipe, ds_config, args)
+    universal = None
     if resume_path is not None:
-        check_same_run(json.loads((resume_path / TRAINER_STATE).read_text()), identity, resume_path)
+        saved = json.loads((resume_path / TRAINER_STATE).read_text())
+        check_same_run(saved, identity, resume_path)
+        if saved["global_batch_size"] != global_size:
+            raise ValueError(f"{resume_path} was trained with global batch {saved['global_batch_size']}, this run "
+                             f"has {global_size}; resume with the same global batch (per_device_train_batch_size x "
+                             "gradient_accumulation_steps x world size) so the data order continues.")
+        if total_steps < saved["global_step"]:
+            raise ValueError(f"{resume_path} is at step {saved['global_step']}, past this run's {total_steps} steps "
+                             "(--max_steps / --num_train_epochs); pass a larger --max_steps to train on.")
+        if saved["world_size"] != env.world_size:  # re-shard through DeepSpeed's universal checkpoint format
+            universal = prepare_resharding(resume_path, saved, env)
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     model = build_model(recipe, dtype=_torch_dtype(args), ds_config=ds_config)
     trainable, total_parameters = num_parameters(model, trainable_only=True), num_parameters(model)
     schedule = linear_schedule(total_steps, warmup_steps)
@@ -258,16 +286,10 @@ def setup(args: RunArgs) -> Run:
     state = {"global_step": 0, "world_size": env.world_size, "global_batch_size": global_size, "log_history": [],
              "total_steps": total_steps, **identity}
     if resume_path is not None:
-        state = load_checkpoint(engine, resume_path, env)
-        if state["global_batch_size"] != global_size:
-            raise ValueError(f"{resume_path} was trained with global batch {state['global_batch_size']}, this run "
-                             f"has {global_size}; resume with the same batch flags so the data order continues.")
-        if total_steps < state["global_step"]:
-            raise ValueError(f"{resume_path} is at step {state['global_step']}, past this run's {total_steps} steps "
-                             "(--max_steps / --num_train_epochs); pass a larger --max_steps to train on.")
+        state = load_checkpoint(engine, resume_path, env, universal=universal, seed=args.seed)
         logger.info("resumed from %s at step %d", resume_path, state["global_step"])
         continue_schedule(scheduler, schedule, state.get("total_steps"), total_steps, warmup_steps, state["global_step"])
-        state.update(total_steps=total_steps, **identity)
+        state.update(total_steps=total_steps, world_size=env.world_size, **identity)
     barrier()  # every rank passed every check before rank 0 writes anything
     return Run(args, env, ds_config, spec, data, collate_fn(tokenizer), recipe, engine, optimizer, scheduler,
                total_steps, steps_per_epoch, global_size, trainable, state)
@@ -397,7 +419,8 @@ def fit(run: Run) -> dict:
     progress = tqdm(total=run.total_steps, initial=state["global_step"], disable=not env.is_main, desc="train",
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
     start_step, start_time, epoch, batches = state["global_step"], time.perf_counter(), None, []
-    guard = NonFiniteGuard(args.nonfinite, bool(args.fp16), env.rank)
+    stacks = [module for module in engine.module.modules() if isinstance(module, MEFTStack)]
+    guard = NonFiniteGuard(args.nonfinite, bool(args.fp16), env.rank, locate=lambda: locate_nonfinite(stacks, env))
     run_losses = []
     while state["global_step"] < run.total_steps:
         step = state["global_step"]
@@ -408,6 +431,8 @@ def fit(run: Run) -> dict:
         batch_indices = batches[step % run.steps_per_epoch]
         learning_rate = run.scheduler.get_last_lr()[0]
         telemetry.begin_step(step + 1)
+        for stack in stacks:
+            stack.reset_nonfinite_record()  # so that a non-finite step names its own first bad layer
         loss_sum, samples, tokens = torch.zeros(()), 0, 0
         for micro_step in range(accumulation):
             rows = micro_batch(batch_indices, micro_step, env.rank, env.world_size, args.per_device_train_batch_size)
