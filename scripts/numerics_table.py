@@ -20,18 +20,15 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from helpers import embedding_grad_step, rel_err  # noqa: E402
 
 from meft_ds import MEFTConfig, make_reversible  # noqa: E402
+from meft_ds.check import gradient_step, relative_error  # noqa: E402
+from meft_ds.training.args import DEFAULT_DATA_DIR  # noqa: E402
 
 
 def load_minilm_and_batch(batch_size: int, seq_len: int):
@@ -42,7 +39,7 @@ def load_minilm_and_batch(batch_size: int, seq_len: int):
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    dev = os.path.join(ROOT, "data", "sst2", "dev.tsv")
+    dev = os.path.join(DEFAULT_DATA_DIR, "dev.tsv")
     if not os.path.exists(dev):
         dev = os.path.join(ROOT, "..", "shared", "data", "glue", "SST-2", "dev.tsv")
     with open(dev) as f:
@@ -73,13 +70,13 @@ def converted_model(model, variant: str, depth: int, arithmetic: str):
 
 def measure(model, batch, variant: str, depth: int, arithmetic: str = "float") -> dict:
     """Reversible gradients in `arithmetic` against plain float cached backprop on the same weights."""
-    _, vanilla = embedding_grad_step(converted_model(model, variant, depth, "float"), batch, "vanilla")
+    _, vanilla = gradient_step(converted_model(model, variant, depth, "float"), batch, "vanilla")
     converted = converted_model(model, variant, depth, arithmetic)
     start = time.perf_counter()
-    _, reversible = embedding_grad_step(converted, batch, "reversible")
+    _, reversible = gradient_step(converted, batch, "reversible")
     elapsed = time.perf_counter() - start
-    params = [rel_err(reversible[n], vanilla[n]) for n in vanilla if not n.startswith("input_embeddings")]
-    emb = [rel_err(reversible[n], vanilla[n]) for n in vanilla if n.startswith("input_embeddings")]
+    params = [relative_error(reversible[n], vanilla[n]) for n in vanilla if not n.startswith("input_embeddings")]
+    emb = [relative_error(reversible[n], vanilla[n]) for n in vanilla if n.startswith("input_embeddings")]
     return {"variant": variant, "depth": depth, "max": max(params), "median": statistics.median(params),
             "input_embeddings": emb[0], "seconds": elapsed, "arithmetic": arithmetic}
 

@@ -80,3 +80,32 @@ def test_whole_layer_recomputed_in_one_stage_too(model_type, head, variant):
     make_reversible(model, MEFTConfig(variant=variant, stream_dtype="float64", adapter_dropout=0.1,
                                       split_layer_recompute=False, num_frozen_layers=0))
     assert assert_same_gradients(model, make_batch(model)) >= 3
+
+
+def test_check_gradients_passes_a_correct_backward_and_catches_a_wrong_one(monkeypatch):
+    """The public check (meft_ds.check_gradients): tiny float64 BERT, every tensor within 1e-10; then a
+    backward that scales one layer's rebuilt-input gradient by 1.001 is caught and the model's mode restored."""
+    from meft_ds import check_gradients
+    from meft_ds.reversible import MEFTLayer, MEFTStack
+
+    model = build("bert", MODEL_CASES[0][1], num_layers=4)
+    make_reversible(model, MEFTConfig(stream_dtype="float64", stream_arithmetic="float"))
+    for stack in model.modules():
+        if isinstance(stack, MEFTStack):
+            stack.mix.data.fill_(0.3)
+    batch = make_batch(model)
+    good = check_gradients(model, batch)
+    assert good.max_error < 1e-10 and len(good.errors) > 10 and good.loss_reversible == good.loss_vanilla, str(good)
+    step = MEFTLayer.backward_step
+
+    def wrong_step(self, *args):
+        x1, x2, dx1, dx2 = step(self, *args)
+        return x1, x2, dx1 * 1.001, dx2
+
+    monkeypatch.setattr(MEFTLayer, "backward_step", wrong_step)
+    bad = check_gradients(model, batch)
+    assert bad.max_error > 1e-4, str(bad)
+    assert all(s.backward_mode == "reversible" for s in model.modules() if isinstance(s, MEFTStack))
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="converted by make_reversible"):
+        check_gradients(build("bert", MODEL_CASES[0][1], num_layers=2), batch)
