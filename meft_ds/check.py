@@ -85,7 +85,8 @@ class GradientCheck:
                 f"{self.loss_vanilla:.6g}")
 
 
-def check_gradients(model: nn.Module, batch: dict, reference: nn.Module | None = None, seed: int = 1234) -> GradientCheck:
+def check_gradients(model: nn.Module, batch: dict, reference: nn.Module | None = None,
+                    seed: int = 1234) -> GradientCheck:
     """Gradients of the reversible backward against cached backprop, per tensor (see the module docstring).
 
     reference: another MEFT model with the same weights to run in vanilla mode (e.g. one with float stream
