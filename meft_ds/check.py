@@ -94,7 +94,7 @@ def check_gradients(model: nn.Module, batch: dict, reference: nn.Module | None =
     Each model's backward mode is restored afterwards; parameter gradients are cleared.
     """
     models = [model] if reference is None else [model, reference]
-    modes = [{stack: stack.backward_mode for stack in m.modules() if isinstance(stack, MEFTStack)} for m in models]
+    modes = [{stack: stack.backward for stack in m.modules() if isinstance(stack, MEFTStack)} for m in models]
     if not modes[0]:
         raise ValueError("check_gradients needs a model converted by make_reversible; this one has no MEFT stack.")
     try:
@@ -103,7 +103,7 @@ def check_gradients(model: nn.Module, batch: dict, reference: nn.Module | None =
     finally:
         for m, saved in zip(models, modes):
             for stack, mode in saved.items():
-                stack.backward_mode = mode
+                stack.backward = mode
             m.zero_grad(set_to_none=True)
     errors = {name: relative_error(reversible[name], ref) for name, ref in vanilla.items()
               if ref is not None and reversible.get(name) is not None}

@@ -121,9 +121,10 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
             site.parent.layerdrop = 0.0
         frozen, convertible = layers[: config.num_frozen_layers], layers[config.num_frozen_layers:]
         meft_layers = [_convert_layer(layer, config, model_config, family) for layer in convertible]
-        num_reversible = len(meft_layers) if config.num_reversible_layers is None else config.num_reversible_layers
+        num_reversible_layers = (len(meft_layers) if config.num_reversible_layers is None
+                                 else config.num_reversible_layers)
         stack = MEFTStack(
-            frozen, meft_layers, num_reversible, main_stream=_VARIANTS[config.variant][3],
+            frozen, meft_layers, num_reversible_layers, main_stream=_VARIANTS[config.variant][3],
             coupling=_coupling(config), backward=config.backward,
             prepare_inputs=family.input_binder(layers[0]), run_frozen=family.run_frozen,
         )
@@ -184,7 +185,7 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> nn.Module:
     stacks = [m for m in model.modules() if isinstance(m, MEFTStack)]
     if not stacks:
         raise ValueError("set_checkpointing needs a model converted by make_reversible; this one has no MEFT stack.")
-    if enabled and all(stack.num_reversible == len(stack.meft_layers) for stack in stacks):
+    if enabled and all(stack.num_reversible_layers == len(stack.meft_layers) for stack in stacks):
         raise ValueError("gradient checkpointing has nothing to do: every MEFT layer is reversible and keeps no "
                          "activations; turn it off, or set MEFTConfig.num_reversible_layers below the layer count "
                          "to checkpoint the cached layers above.")
@@ -201,6 +202,6 @@ def set_backward(model: nn.Module, mode: str) -> nn.Module:
     if not stacks:
         raise ValueError("set_backward needs a model converted by make_reversible; this one has no MEFT stack.")
     for stack in stacks:
-        stack.backward_mode = mode
+        stack.backward = mode
     model.meft_config.backward = mode
     return model

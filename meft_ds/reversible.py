@@ -356,18 +356,18 @@ class MEFTStack(nn.Module):
     the converted model starts at the pretrained function up to the lam/beta leak and adapter init.
     """
 
-    def __init__(self, frozen_layers, meft_layers, num_reversible: int, main_stream: int,
+    def __init__(self, frozen_layers, meft_layers, num_reversible_layers: int, main_stream: int,
                  coupling, backward: str, prepare_inputs, run_frozen):
         super().__init__()
         self.frozen_layers = nn.ModuleList(frozen_layers)
         self.meft_layers = nn.ModuleList(meft_layers)
-        self.num_reversible = num_reversible
+        self.num_reversible_layers = num_reversible_layers
         self.main_stream = main_stream
         self.coupling = coupling
         for layer in self.meft_layers:
             layer.coupling = coupling
             layer.record_nonfinite = isinstance(coupling, ExactCoupling)
-        self.backward_mode = backward
+        self.backward = backward
         # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor refuses.
         self.mix = nn.Parameter(torch.zeros(1))
         self.prepare_inputs, self.run_frozen = prepare_inputs, run_frozen
@@ -376,7 +376,7 @@ class MEFTStack(nn.Module):
         # are done: a partitioning runtime releases the weights it gathered for that recomputation
         # (meft_ds.training.modeling.release_weights_after_recompute, ZeRO-3).
         self.after_layer_backward = None
-        # Gradient checkpointing of the layers that use cached backprop (above num_reversible): their
+        # Gradient checkpointing of the layers that use cached backprop (above num_reversible_layers): their
         # activations are recomputed in backward instead of kept; the reversible ones keep none anyway.
         self.checkpoint_cached = False
 
@@ -434,8 +434,8 @@ class MEFTStack(nn.Module):
             seeds = [(base + 2 * i, base + 2 * i + 1) for i in range(len(self.meft_layers))]
         else:
             seeds = [(None, None)] * len(self.meft_layers)
-        reversible = self.meft_layers[: self.num_reversible]
-        if differentiable and self.backward_mode == "reversible" and len(reversible) > 0:
+        reversible = self.meft_layers[: self.num_reversible_layers]
+        if differentiable and self.backward == "reversible" and len(reversible) > 0:
             if not h.requires_grad:
                 # Nothing below needs grad (frozen embeddings / frozen layers); the Function must still
                 # run its backward, so its input requires grad instead of a dummy parameter (docs/method.md, ZeRO rule 3).

@@ -105,7 +105,7 @@ def test_check_gradients_passes_a_correct_backward_and_catches_a_wrong_one(monke
     monkeypatch.setattr(MEFTLayer, "backward_step", wrong_step)
     bad = check_gradients(model, batch)
     assert bad.max_error > 1e-4, str(bad)
-    assert all(s.backward_mode == "reversible" for s in model.modules() if isinstance(s, MEFTStack))
+    assert all(s.backward == "reversible" for s in model.modules() if isinstance(s, MEFTStack))
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="converted by make_reversible"):
         check_gradients(build("bert", MODEL_CASES[0][1], num_layers=2), batch)

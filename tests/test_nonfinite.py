@@ -151,7 +151,7 @@ def test_the_first_non_finite_layer_is_named(layer, mode):
     model = llama_with_bad_f_output("meft1", "exact", float("inf"), layer=layer)
     stack = _stack(model)
     model.get_input_embeddings().weight.requires_grad_(False)
-    stack.backward_mode = mode
+    stack.backward = mode
     batch = make_batch(model)
     model.train()
     model(**batch)

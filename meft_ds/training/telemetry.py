@@ -103,7 +103,7 @@ def optimizer_state_bytes(optimizer) -> int:
 def reversible_stacks(model: torch.nn.Module) -> list[MEFTStack]:
     """The MEFT stacks of `model` whose backward rebuilds inputs (reversible mode, >= 1 reversible layer)."""
     return [m for m in model.modules()
-            if isinstance(m, MEFTStack) and m.backward_mode == "reversible" and m.num_reversible > 0]
+            if isinstance(m, MEFTStack) and m.backward == "reversible" and m.num_reversible_layers > 0]
 
 
 # --- gathering and writing --------------------------------------------------------------------------
