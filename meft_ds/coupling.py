@@ -68,7 +68,7 @@ def unpack_remainders(packed: torch.Tensor, m: int, like: torch.Tensor) -> torch
 
 
 class FloatCoupling:
-    needs_side_buffers = False
+    keeps_remainders = False
 
     def __init__(self, value_dtype: torch.dtype):
         self.value_dtype = value_dtype
@@ -80,7 +80,7 @@ class FloatCoupling:
         value = x.value + block_out if factor == 1.0 else factor * x.value + block_out
         return Stream(value, None), None
 
-    def split(self, y: Stream, block_out: torch.Tensor, factor: float, side) -> Stream:
+    def split(self, y: Stream, block_out: torch.Tensor, factor: float, remainders) -> Stream:
         """Consumes y: x is computed in place in y's storage (one stream less alive in backward)."""
         diff = y.value.sub_(block_out)
         return Stream(diff if factor == 1.0 else diff.div_(factor), None)
@@ -133,7 +133,7 @@ def _within(tensor: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 class ExactCoupling:
-    needs_side_buffers = True
+    keeps_remainders = True
 
     def __init__(self, value_dtype: torch.dtype, frac_bits: int, state_dtype: torch.dtype = torch.int64):
         self.value_dtype = value_dtype
@@ -180,17 +180,17 @@ class ExactCoupling:
         # not read it, and its integer state alone carries no flag.
         poison = poison + 0.0 * x.value.detach()[(0,) * x.value.dim()]
         if m == 1:
-            state, side = x.state + quantised, None
+            state, remainders = x.state + quantised, None
             poison = poison + _nan_unless(_within(state, self.state_limit))  # a factor-1 sum can grow past the range
         elif m & (m - 1) == 0:  # a power of two: floor division is an arithmetic shift
             shift = m.bit_length() - 1
             state = (x.state >> shift) + quantised
-            side = self._store_remainders(x.state & (m - 1), m)
+            remainders = self._store_remainders(x.state & (m - 1), m)
         else:
             state = torch.div(x.state, m, rounding_mode="floor") + quantised
-            side = self._store_remainders(torch.remainder(x.state, m), m)
+            remainders = self._store_remainders(torch.remainder(x.state, m), m)
         carrier = factor * x.value + block_out if torch.is_grad_enabled() else None
-        return self._stream(state, carrier, poison), side
+        return self._stream(state, carrier, poison), remainders
 
     @staticmethod
     def _store_remainders(remainders: torch.Tensor, m: int) -> torch.Tensor:
@@ -199,12 +199,12 @@ class ExactCoupling:
         return remainders.to(torch.uint8 if m <= 256 else torch.int32)
 
     @staticmethod
-    def _load_remainders(side: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
+    def _load_remainders(remainders: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
         if m <= 128:
-            return unpack_remainders(side, m, like)
-        return side.to(torch.int64)
+            return unpack_remainders(remainders, m, like)
+        return remainders.to(torch.int64)
 
-    def split(self, y: Stream, block_out: torch.Tensor, factor: float, side) -> Stream:
+    def split(self, y: Stream, block_out: torch.Tensor, factor: float, remainders) -> Stream:
         """Consumes y: x's state is computed in place in y's state (one int64 stream less alive in backward).
 
         The value is left undecoded (value_of decodes it when a block needs it).
@@ -214,7 +214,7 @@ class ExactCoupling:
         state = y.state.sub_(quantised)
         del quantised
         if m != 1:
-            state.mul_(m).add_(self._load_remainders(side, m, state))
+            state.mul_(m).add_(self._load_remainders(remainders, m, state))
         # Poisoned when the recomputed block output was not finite or out of range (the forward's was not, or
         # backward would not check): the checksum then fails, and the error can say why (value_of).
         return Stream(None, state, poison)

@@ -110,7 +110,7 @@ class MEFTLayer(nn.Module):
         return out.to(value.dtype)
 
     def forward(self, x1: Stream, x2: Stream, inputs, seeds, compute_dtype):
-        """Equations (1), (2); returns the streams as the next layer receives them, and the side buffers."""
+        """Equations (1), (2); returns the streams as the next layer receives them, and the kept remainders."""
         y1, side1 = self.coupling.combine(x1, self.run_block(self.f, x2.value, inputs, seeds[0], compute_dtype),
                                           self.lam)
         y2, side2 = self.coupling.combine(x2, self.run_block(self.g, y1.value, inputs, seeds[1], compute_dtype),
@@ -154,7 +154,7 @@ class MEFTLayer(nn.Module):
             torch.autograd.backward(first(self, leaf.to(compute_dtype), inputs), middle_grad)
         return out.detach(), leaf.grad
 
-    def backward_step(self, carry: list, sides, inputs, seeds, compute_dtype):
+    def backward_step(self, carry: list, remainders, inputs, seeds, compute_dtype):
         """Rebuild this layer's input from its output and propagate gradients, eqs. (3)-(7).
 
         `carry` = [out1, out2, dout1, dout2] (the output streams and their gradients) is consumed: it is
@@ -176,7 +176,7 @@ class MEFTLayer(nn.Module):
         del y1_value
         dy1_total = y1_grad.add_(dy1)                                              # (5)
         del y1_grad, dy1
-        x2 = coupling.split(y2, g_out, self.beta, sides[1])                        # (3)
+        x2 = coupling.split(y2, g_out, self.beta, remainders[1])                   # (3)
         del y2, g_out
         beta_dy2 = dy2 if self.beta == 1.0 else self.beta * dy2
         del dy2
@@ -184,7 +184,7 @@ class MEFTLayer(nn.Module):
         f_out, x2_grad = self.recompute_backward(self.f, x2.value, dy1_total, inputs, seeds[0], compute_dtype)
         dx2 = x2_grad.add_(beta_dy2)                                               # (6)
         del x2_grad, beta_dy2
-        x1 = coupling.split(y1, f_out, self.lam, sides[0])                         # (4)
+        x1 = coupling.split(y1, f_out, self.lam, remainders[0])                    # (4)
         dx1 = dy1_total if self.lam == 1.0 else dy1_total.mul_(self.lam)           # (7)
         return x1, x2, dx1, dx2
 
@@ -223,20 +223,20 @@ class ReversibleFunction(torch.autograd.Function):
         coupling = run.coupling
         inputs = run.rebuild(input_tensors)
         x1, x2 = coupling.encode(h1), coupling.encode(h2)
-        sides, checksums, kept = [], [], []
+        remainders, checksums, kept = [], [], []
         for layer, seeds in zip(run.layers, run.seeds):
-            if coupling.needs_side_buffers:
+            if coupling.keeps_remainders:
                 key = _checksum_key(seeds)
                 checksums.append(torch.stack([coupling.checksum(x1, key), coupling.checksum(x2, key)]))
             if run.report is not None:
                 kept.append(torch.stack([x1.value, x2.value]))
-            (x1, x2), layer_sides = layer(x1, x2, inputs, seeds, run.compute_dtype)
-            sides.extend(layer_sides)
+            (x1, x2), layer_remainders = layer(x1, x2, inputs, seeds, run.compute_dtype)
+            remainders.extend(layer_remainders)
         ctx.run = run
         # The integer states get no gradient: without this, autograd would allocate int64 zeros for them.
         ctx.set_materialize_grads(False)
         ctx.autocast = _autocast_state(x1.value.device.type)
-        ctx.side_present = [side is not None for side in sides]
+        ctx.remainders_present = [r is not None for r in remainders]
         ctx.num_inputs = len(input_tensors)
         ctx.num_checksums = len(checksums)
         if checksums:
@@ -244,8 +244,8 @@ class ReversibleFunction(torch.autograd.Function):
             # element of each top stream tells backward whether the forward was poisoned.
             checksums.append(torch.stack([x.value.detach()[(0,) * x.value.dim()] for x in (x1, x2)]))
         ctx.save_for_backward(coupling.to_saved(x1), coupling.to_saved(x2), *input_tensors,
-                              *[side for side in sides if side is not None], *checksums, *kept)
-        if coupling.needs_side_buffers:
+                              *[r for r in remainders if r is not None], *checksums, *kept)
+        if coupling.keeps_remainders:
             ctx.mark_non_differentiable(x1.state, x2.state)
             return x1.value, x2.value, x1.state, x2.state
         return x1.value, x2.value
@@ -261,7 +261,7 @@ class ReversibleFunction(torch.autograd.Function):
         dx2 = torch.zeros(saved[1].shape, dtype=coupling.value_dtype, device=saved[1].device) if dx2 is None else dx2
         input_tensors = saved[2: 2 + ctx.num_inputs]
         rest = iter(saved[2 + ctx.num_inputs:])
-        sides = [next(rest) if present else None for present in ctx.side_present]
+        remainders = [next(rest) if present else None for present in ctx.remainders_present]
         checksums = [next(rest) for _ in range(ctx.num_checksums)]
         if checksums:
             # Poisoned forward: the loss and these gradients are NaN already (as in vanilla mode) and the
@@ -290,7 +290,7 @@ class ReversibleFunction(torch.autograd.Function):
                     "was aborted: zero the gradients and do not step the optimizer.")
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
-                carry = list(layer.backward_step(carry, sides[2 * i: 2 * i + 2], inputs, seeds, run.compute_dtype))
+                carry = list(layer.backward_step(carry, remainders[2 * i: 2 * i + 2], inputs, seeds, run.compute_dtype))
                 if run.after_layer_backward is not None:
                     run.after_layer_backward(layer)
                 out1, out2 = carry[0], carry[1]

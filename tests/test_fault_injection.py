@@ -79,9 +79,9 @@ def inject(monkeypatch, stack: MEFTStack, fault: str) -> None:
         original_split = coupling.split
         split_index = 2 * (NUM_LAYERS - 1 - TARGET_LAYER)
 
-        def faulty_split(y, block_out, factor, side):
+        def faulty_split(y, block_out, factor, remainders):
             calls.append(1)
-            x = original_split(y, block_out, factor, side)
+            x = original_split(y, block_out, factor, remainders)
             return Stream(x.value, perturb_state(x.state, fault)) if len(calls) == split_index + 1 else x
 
         monkeypatch.setattr(coupling, "split", faulty_split)
