@@ -63,7 +63,7 @@ def test_defaults_fill_auto_when_no_flag_is_given():
     assert config["optimizer"]["params"]["lr"] == merged.learning_rate == DEFAULT_LEARNING_RATE["full"]
     assert config["gradient_clipping"] == 1.0 and config["bf16"]["enabled"] is False
     _, meft3 = merge_ds_config(load_preset("cpu"), _args(method="meft", variant="meft3"), world_size=1)
-    assert meft3.learning_rate == DEFAULT_LEARNING_RATE["meft3"]  # MEFT's default is per variant
+    assert meft3.learning_rate == DEFAULT_LEARNING_RATE["meft"]
 
 
 def test_explicit_preset_value_is_adopted_when_the_flag_is_absent():

@@ -4,6 +4,7 @@ so in its log and results.json (docs/quality.md, "Regression")."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import (AutoModelForSequenceClassification, BertConfig, OPTCon
 
 from meft_ds.training.modeling import ModelRecipe, build_model, init_regression_bias
 from meft_ds.training.args import DEFAULT_LEARNING_RATE, RunArgs
-from train_helpers import SST2_SAMPLE, free_port, launcher_command, run, save_tiny_bert
+from train_helpers import REPO, SST2_SAMPLE, free_port, launcher_command, run, save_tiny_bert
 
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=100,
             max_position_embeddings=64)
@@ -63,13 +64,14 @@ def test_a_head_without_bias_is_reported_not_guessed():
     assert init_regression_bias(OPTForSequenceClassification(config), 2.0) == []  # OPT's score has no bias
 
 
-def test_one_default_learning_rate_per_method_and_variant():
-    for method, variant in (("full", "meft1"), ("lora", "meft1"), ("meft", "meft1"), ("meft", "meft2"),
-                            ("meft", "meft3")):
-        args = RunArgs(method=method, variant=variant, model_name_or_path="x")
-        key = variant if method == "meft" else method
-        assert args.learning_rate_default() == DEFAULT_LEARNING_RATE[key]
-    assert set(DEFAULT_LEARNING_RATE) == {"full", "lora", "meft1", "meft2", "meft3"}
+def test_the_documented_default_learning_rates_are_the_code_s():
+    """docs/training.md's table of defaults names the rates of the one table in the code, per method."""
+    row = next(line for line in (REPO / "docs" / "training.md").read_text().splitlines()
+               if line.startswith("| `optimizer.params.lr`"))
+    expected = ", ".join(f"{method} {rate:.0e}".replace("e-0", "e-") for method, rate in DEFAULT_LEARNING_RATE.items())
+    assert expected in row
+    for method, rate in DEFAULT_LEARNING_RATE.items():
+        assert RunArgs(method=method, model_name_or_path="x").learning_rate_default() == rate
 
 
 def _write_regression_data(path):
@@ -108,3 +110,17 @@ def test_regression_run_starts_at_the_label_mean_and_flags_constant_predictions(
     model = load_adapter_model(str(out))
     bias = model.base_model.model.classifier.modules_to_save["default"].bias
     assert bias.item() == pytest.approx(label_mean, rel=1e-6)
+
+
+def test_the_pair_regression_task_is_scored_0_to_5_and_loads_as_regression(tmp_path):
+    if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
+        sys.path.insert(0, str(REPO))
+    from benchmarks.sst2_pair_regression import write
+    from meft_ds.data import load_task_datasets
+
+    write(SST2_SAMPLE, tmp_path, train_pairs=40, dev_pairs=10)
+    data, spec = load_task_datasets(train_file=str(tmp_path / "train.tsv"), validation_file=str(tmp_path / "dev.tsv"))
+    assert spec.is_regression and spec.text_columns == ("sentence1", "sentence2")
+    assert set(data["train"]["label"]) <= {0.0, 2.5, 5.0} and len(set(data["train"]["label"])) == 3
+    dev_sentences = {s for name in ("sentence1", "sentence2") for s in data["validation"][name]}
+    assert not dev_sentences & {s for name in ("sentence1", "sentence2") for s in data["train"][name]}
