@@ -116,7 +116,7 @@ def test_the_pair_regression_task_is_scored_0_to_5_and_loads_as_regression(tmp_p
     if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
         sys.path.insert(0, str(REPO))
     from benchmarks.sst2_pair_regression import write
-    from meft_ds.data import load_task_datasets
+    from meft_ds.training.data import load_task_datasets
 
     write(SST2_SAMPLE, tmp_path, train_pairs=40, dev_pairs=10)
     data, spec = load_task_datasets(train_file=str(tmp_path / "train.tsv"), validation_file=str(tmp_path / "dev.tsv"))
