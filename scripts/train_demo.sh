@@ -4,7 +4,7 @@
 # 2 ranks (bf16, CPU preset), evaluates on the full SST-2 dev set and prints its accuracy.
 # Runs the command:
 #   OMP_NUM_THREADS=1 deepspeed --num_gpus 2 launch/train.py --deepspeed cpu --bf16 \
-#       --learning_rate 3e-3 --warmup_ratio 0.1 --output_dir output/sst2-meft --overwrite_output_dir
+#       --warmup_ratio 0.1 --output_dir output/sst2-meft --overwrite_output_dir
 # Extra arguments are appended (e.g. --variant meft3, --max_steps 20).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,5 +13,5 @@ cd "$ROOT"
 VENV="${MEFT_VENV:-$ROOT/.venv}"
 export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${MEFT_VENV:-$ROOT/.venv}/torch_extensions}"
-exec deepspeed --num_gpus 2 launch/train.py --deepspeed cpu --bf16 --learning_rate 3e-3 --warmup_ratio 0.1 \
+exec deepspeed --num_gpus 2 launch/train.py --deepspeed cpu --bf16 --warmup_ratio 0.1 \
     --output_dir output/sst2-meft --overwrite_output_dir "$@"

@@ -10,6 +10,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 
 from meft_ds.training import RunArgs, load_preset, merge_ds_config
 from meft_ds.training.ds_config import PRESET_DIR, resolve_preset, zero_stage
+from meft_ds.training.args import DEFAULT_LEARNING_RATE
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
@@ -59,8 +60,10 @@ def test_auto_values_come_from_flags():
 
 def test_defaults_fill_auto_when_no_flag_is_given():
     config, merged = merge_ds_config(load_preset("cpu"), _args(method="full"), world_size=1)
-    assert config["optimizer"]["params"]["lr"] == merged.learning_rate == 5e-5  # the full fine-tuning default
+    assert config["optimizer"]["params"]["lr"] == merged.learning_rate == DEFAULT_LEARNING_RATE["full"]
     assert config["gradient_clipping"] == 1.0 and config["bf16"]["enabled"] is False
+    _, meft3 = merge_ds_config(load_preset("cpu"), _args(method="meft", variant="meft3"), world_size=1)
+    assert meft3.learning_rate == DEFAULT_LEARNING_RATE["meft"]
 
 
 def test_explicit_preset_value_is_adopted_when_the_flag_is_absent():

@@ -23,8 +23,12 @@ PACKAGE_DATA = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = PACKAGE_DATA / "sample_data" / "sst2"
 METHODS = ("meft", "full", "lora")
 NONFINITE_POLICIES = ("stop", "skip")
-# Adapters and LoRA train a few new weights from scratch and take a larger step than full fine-tuning.
-DEFAULT_LEARNING_RATE = {"meft": 1e-3, "lora": 5e-4, "full": 5e-5}
+# The learning rate a run gets when neither --learning_rate nor the DeepSpeed preset sets one, per method (the
+# only table; docs/quality.md "Default learning rates" has the runs behind each value). Adapters and LoRA train
+# a few new weights from scratch and take a larger step than full fine-tuning. One rate per method serves
+# classification and regression, every MEFT variant alike: a regression head starts at the mean training label
+# (modeling.init_regression_bias), which is what made the same rates work for regression.
+DEFAULT_LEARNING_RATE = {"meft": 3e-3, "lora": 3e-3, "full": 1e-4}
 # Used when neither the flag nor the DeepSpeed preset sets the value (preset "auto" or absent).
 FALLBACKS = {
     "per_device_train_batch_size": 16,
@@ -87,7 +91,8 @@ class RunArgs(_MEFTFlags):
     gradient_accumulation_steps: int | None = field(default=None, metadata=_help(
         "Micro-batches summed per optimizer step. Default: the preset's value, else 1."))
     learning_rate: float | None = field(default=None, metadata=_help(
-        f"Peak learning rate of AdamW. Default: the preset's value, else per method {DEFAULT_LEARNING_RATE}."))
+        f"Peak learning rate of AdamW. Default: the preset's value, else per method {DEFAULT_LEARNING_RATE} "
+        "(docs/quality.md)."))
     weight_decay: float | None = field(default=None, metadata=_help(
         "AdamW weight decay (not applied to biases, norms and the MEFT stream mix). Default: the preset's value, "
         "else 0."))

@@ -15,7 +15,7 @@ from ..adapter_io import ModelRecipe, base_fingerprint, build_model
 from ..models import default_num_frozen_layers
 
 __all__ = ["ModelRecipe", "build_model", "make_recipe", "load_tokenizer", "param_groups", "check_sequence_length",
-           "num_parameters", "release_weights_after_recompute"]
+           "num_parameters", "release_weights_after_recompute", "init_regression_bias"]
 
 
 def load_tokenizer(name_or_path: str):
@@ -56,6 +56,42 @@ def make_recipe(args, spec, tokenizer) -> ModelRecipe:
         lora_rank=args.adapter_dim if args.method == "lora" else None, pad_token_id=tokenizer.pad_token_id,
         base_model_config=base_fingerprint(base_config),
     )
+
+
+def init_regression_bias(model: nn.Module, value: float) -> list[str]:
+    """Set the bias of the regression head's output (every trainable one-output nn.Linear inside a task head:
+    BERT's classifier, RoBERTa's classifier.out_proj, PEFT's modules_to_save copy) to `value`, the mean
+    training label; returns the names of the biases set (empty when the head has none, e.g. OPT's score).
+
+    Why: a new head outputs ~0 while labels such as STS-B's 0-5 average ~2.7. The first steps' MSE gradient
+    is then a shift of every output the same way, ~10x larger than once the mean is fitted (docs/quality.md,
+    "Regression"): Adam moves every adapter by the full learning rate toward that shift (MEFT1/MEFT3 at 1e-2
+    collapse to a constant), and its second-moment estimate keeps the large early gradients for the whole
+    short run, so the later, informative gradients take ~10x smaller steps (LoRA stays at the mean). Starting
+    the bias at the mean removes the shift; the weights and the rest of the head keep their initialisation.
+    Under ZeRO-3 the bias is gathered, set on rank 0 and partitioned again (every rank must call this).
+    """
+    import torch
+
+    from ..models.base import Family
+
+    head_names = set(Family.head_names)  # the default every family uses (the dataclass field's class attribute)
+    names = []
+    for name, module in model.named_modules():
+        bias = getattr(module, "bias", None)
+        if not (isinstance(module, nn.Linear) and module.out_features == 1 and bias is not None and bias.requires_grad
+                and head_names & set(name.split("."))):
+            continue
+        if hasattr(bias, "ds_id"):  # ZeRO-3 partitioned
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([bias], modifier_rank=0), torch.no_grad():
+                bias.fill_(value)
+        else:
+            with torch.no_grad():
+                bias.fill_(value)
+        names.append(f"{name}.bias")
+    return names
 
 
 def release_weights_after_recompute(engine) -> int:

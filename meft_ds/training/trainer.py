@@ -30,8 +30,8 @@ from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, prepare
                          resolve_resume_path, save_checkpoint)
 from .distributed import DistEnv, all_gather_floats, all_gather_objects, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
-from .modeling import (ModelRecipe, build_model, check_sequence_length, load_tokenizer, make_recipe, num_parameters,
-                       param_groups, release_weights_after_recompute)
+from .modeling import (ModelRecipe, build_model, check_sequence_length, init_regression_bias, load_tokenizer,
+                       make_recipe, num_parameters, param_groups, release_weights_after_recompute)
 from .same_inputs import check_same_inputs
 
 logger = logging.getLogger("meft_ds.train")
@@ -259,6 +259,15 @@ def setup(args: RunArgs) -> Run:
             universal = prepare_resharding(resume_path, saved, env)
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     model = build_model(recipe, dtype=_torch_dtype(args), ds_config=ds_config)
+    if spec.is_regression:  # a resume then loads the trained bias over it
+        label_mean = float(torch.as_tensor(data["train"]["labels"], dtype=torch.float64).mean())
+        set_biases = init_regression_bias(model, label_mean)
+        if set_biases:
+            logger.info("regression head: %s starts at the mean training label %.4g", ", ".join(set_biases), label_mean)
+        else:
+            logger.warning("regression head has no bias to start at the mean training label (%.4g): a label mean far "
+                           "from 0 makes the first steps fit it, and at a high learning rate the model may collapse "
+                           "to a constant (docs/quality.md); centring the labels avoids it", label_mean)
     trainable, total_parameters = num_parameters(model, trainable_only=True), num_parameters(model)
     schedule = linear_schedule(total_steps, warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
