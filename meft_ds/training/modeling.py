@@ -15,7 +15,7 @@ from ..adapter_io import ModelRecipe, base_fingerprint, build_model
 from ..models import default_num_frozen_layers
 
 __all__ = ["ModelRecipe", "build_model", "make_recipe", "load_tokenizer", "param_groups", "check_sequence_length",
-           "num_parameters", "release_weights_after_recompute", "init_regression_bias"]
+           "num_parameters", "release_weights_after_recompute", "init_regression_bias", "regression_start"]
 
 
 def load_tokenizer(name_or_path: str):
@@ -58,10 +58,22 @@ def make_recipe(args, spec, tokenizer) -> ModelRecipe:
     )
 
 
+def regression_start(labels) -> float:
+    """Where a regression head's output starts: the mean of the central 80% of the training labels. It removes
+    the labels' offset as the mean does, and a few stray labels (a typo, a corrupt row) cannot move it to where
+    every prediction overflows; unlike the median, it stays between the values of two-valued labels."""
+    import torch
+
+    values = torch.as_tensor(labels, dtype=torch.float64).sort().values
+    cut = int(0.1 * values.numel())
+    return float(values[cut: values.numel() - cut].mean())
+
+
 def init_regression_bias(model: nn.Module, value: float) -> list[str]:
     """Set the bias of the regression head's output (every trainable one-output nn.Linear inside a task head:
     BERT's classifier, RoBERTa's classifier.out_proj, PEFT's modules_to_save copy) to `value`, the mean
-    training label; returns the names of the biases set (empty when the head has none, e.g. OPT's score).
+    training label (`regression_start`); returns the names of the biases set (empty when the head has none,
+    e.g. OPT's score).
 
     Why: a new head outputs ~0 while labels such as STS-B's 0-5 average ~2.7. The first steps' MSE gradient
     is then a shift of every output the same way, ~10x larger than once the mean is fitted (docs/quality.md,

@@ -31,7 +31,7 @@ from .checkpoint import (TRAINER_STATE, export_adapter, load_checkpoint, prepare
 from .distributed import DistEnv, all_gather_floats, all_gather_objects, barrier, init_distributed, local_main_first
 from .ds_config import load_preset, merge_ds_config, resolve_preset, zero_stage
 from .modeling import (ModelRecipe, build_model, check_sequence_length, init_regression_bias, load_tokenizer,
-                       make_recipe, num_parameters, param_groups, release_weights_after_recompute)
+                       make_recipe, num_parameters, param_groups, regression_start, release_weights_after_recompute)
 from .same_inputs import check_same_inputs
 
 logger = logging.getLogger("meft_ds.train")
@@ -260,14 +260,15 @@ def setup(args: RunArgs) -> Run:
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     model = build_model(recipe, dtype=_torch_dtype(args), ds_config=ds_config)
     if spec.is_regression:  # a resume then loads the trained bias over it
-        label_mean = float(torch.as_tensor(data["train"]["labels"], dtype=torch.float64).mean())
-        set_biases = init_regression_bias(model, label_mean)
+        label_start = regression_start(data["train"]["labels"])
+        set_biases = init_regression_bias(model, label_start)
         if set_biases:
-            logger.info("regression head: %s starts at the mean training label %.4g", ", ".join(set_biases), label_mean)
+            logger.info("regression head: %s starts at the mean training label (the central 80%%) %.4g",
+                        ", ".join(set_biases), label_start)
         else:
-            logger.warning("regression head has no bias to start at the mean training label (%.4g): a label mean far "
-                           "from 0 makes the first steps fit it, and at a high learning rate the model may collapse "
-                           "to a constant (docs/quality.md); centring the labels avoids it", label_mean)
+            logger.warning("regression head has no bias to start at the mean training label (%.4g): labels far "
+                           "from 0 make the first steps fit their offset, and at a high learning rate the model may "
+                           "collapse to a constant (docs/quality.md); centring the labels avoids it", label_start)
     trainable, total_parameters = num_parameters(model, trainable_only=True), num_parameters(model)
     schedule = linear_schedule(total_steps, warmup_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -431,45 +432,48 @@ def fit(run: Run) -> dict:
     stacks = [module for module in engine.module.modules() if isinstance(module, MEFTStack)]
     guard = NonFiniteGuard(args.nonfinite, bool(args.fp16), env.rank, locate=lambda: locate_nonfinite(stacks, env))
     run_losses = []
-    while state["global_step"] < run.total_steps:
-        step = state["global_step"]
-        step_start = time.perf_counter()
-        if step // run.steps_per_epoch != epoch:
-            epoch = step // run.steps_per_epoch
-            batches = global_batches(len(train_set), run.global_batch_size, args.seed, epoch)
-        batch_indices = batches[step % run.steps_per_epoch]
-        learning_rate = run.scheduler.get_last_lr()[0]
-        telemetry.begin_step(step + 1)
-        for stack in stacks:
-            stack.reset_nonfinite_record()  # so that a non-finite step names its own first bad layer
-        loss_sum, samples, tokens = torch.zeros(()), 0, 0
-        for micro_step in range(accumulation):
-            rows = micro_batch(batch_indices, micro_step, env.rank, env.world_size, args.per_device_train_batch_size)
-            batch = run.collate([train_set[i] for i in rows])
-            samples, tokens = samples + len(rows), tokens + int(batch["attention_mask"].sum())  # on the host
-            with telemetry.forward():
-                loss = engine(**_to_device(batch, engine.device)).loss
-            engine.backward(loss)
-            telemetry.after_backward(last_micro_step=micro_step == accumulation - 1)
-            engine.step()
-            loss_sum += loss.detach().float().cpu()
-        rank_loss = (loss_sum / accumulation).item()
-        rank_losses = [values[0] for values in all_gather_floats([rank_loss])]
-        loss_value = sum(rank_losses) / len(rank_losses)
-        state["global_step"] = step = step + 1
-        guard.check(step, rank_losses, engine.get_global_grad_norm(), engine.was_step_applied())
-        run_losses.append(loss_value)
-        telemetry.end_step(step, time.perf_counter() - step_start, samples, tokens, rank_loss, learning_rate)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
-        if telemetry.is_log_step(step):
-            log({"step": step, "epoch": round(step / run.steps_per_epoch, 4), "train/loss": loss_value,
-                 "train/learning_rate": learning_rate})
-        if args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
-            run_eval()
-        if args.save_steps and step % args.save_steps == 0 and step < run.total_steps:
-            save_checkpoint(engine, args.output_dir, state, env, commits)
-    progress.close()
+    try:  # closed on any exit, so that an error line starts on a line of its own, not after the bar
+        while state["global_step"] < run.total_steps:
+            step = state["global_step"]
+            step_start = time.perf_counter()
+            if step // run.steps_per_epoch != epoch:
+                epoch = step // run.steps_per_epoch
+                batches = global_batches(len(train_set), run.global_batch_size, args.seed, epoch)
+            batch_indices = batches[step % run.steps_per_epoch]
+            learning_rate = run.scheduler.get_last_lr()[0]
+            telemetry.begin_step(step + 1)
+            for stack in stacks:
+                stack.reset_nonfinite_record()  # so that a non-finite step names its own first bad layer
+            loss_sum, samples, tokens = torch.zeros(()), 0, 0
+            for micro_step in range(accumulation):
+                rows = micro_batch(batch_indices, micro_step, env.rank, env.world_size,
+                                   args.per_device_train_batch_size)
+                batch = run.collate([train_set[i] for i in rows])
+                samples, tokens = samples + len(rows), tokens + int(batch["attention_mask"].sum())  # on the host
+                with telemetry.forward():
+                    loss = engine(**_to_device(batch, engine.device)).loss
+                engine.backward(loss)
+                telemetry.after_backward(last_micro_step=micro_step == accumulation - 1)
+                engine.step()
+                loss_sum += loss.detach().float().cpu()
+            rank_loss = (loss_sum / accumulation).item()
+            rank_losses = [values[0] for values in all_gather_floats([rank_loss])]
+            loss_value = sum(rank_losses) / len(rank_losses)
+            state["global_step"] = step = step + 1
+            guard.check(step, rank_losses, engine.get_global_grad_norm(), engine.was_step_applied())
+            run_losses.append(loss_value)
+            telemetry.end_step(step, time.perf_counter() - step_start, samples, tokens, rank_loss, learning_rate)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+            if telemetry.is_log_step(step):
+                log({"step": step, "epoch": round(step / run.steps_per_epoch, 4), "train/loss": loss_value,
+                     "train/learning_rate": learning_rate})
+            if args.eval_steps and step % args.eval_steps == 0 and step < run.total_steps:
+                run_eval()
+            if args.save_steps and step % args.save_steps == 0 and step < run.total_steps:
+                save_checkpoint(engine, args.output_dir, state, env, commits)
+    finally:
+        progress.close()
     telemetry.close()
     train_seconds = time.perf_counter() - start_time
     optimizer_bytes = None
