@@ -290,6 +290,8 @@ def test_a_stopped_rank_among_two_per_host_ends_all_four(hosts):
     print(f"stop of rank 3 of 4: launchers exited {codes} after {seconds} s")
     assert all(code not in (0, None) for code in codes), (codes, "\n".join(log[-3000:] for log in logs))
     assert all(s is not None and s < FAILURE_LIMIT_S for s in seconds), seconds
+    # Named by its watchdog either way: the store closed (host A's ranks ended first), or host B's launcher
+    # ended the tree first (rank 2's collective failed) and the watchdog says its rank was the stopped one.
     stopped = [line for line in logs[1].splitlines() if line.startswith("error: rank 3 on hostb")]
     assert stopped and "watchdog" in stopped[0], logs[1][-3000:]
     assert any(f"error: rank {r} on hosta" in logs[0] for r in (0, 1)), logs[0][-3000:]
@@ -346,7 +348,9 @@ def test_a_launcher_can_end_a_stopped_rank_through_its_watchdog(tmp_path):
     code = (f"import sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
             "from meft_ds.training.watchdog import start_watchdog\n"
             f"start_watchdog('127.0.0.1', {port}, 7, timeout_s=60.0)\ntime.sleep(300)\n")
-    rank = subprocess.Popen([sys.executable, "-c", code])
+    log = tmp_path / "rank.log"
+    with open(log, "w") as stderr:
+        rank = subprocess.Popen([sys.executable, "-c", code], stderr=stderr)
     try:
         deadline = time.monotonic() + 120
         while _watched_count(port) == 0 and time.monotonic() < deadline:  # the watchdog is up and connected
@@ -357,6 +361,8 @@ def test_a_launcher_can_end_a_stopped_rank_through_its_watchdog(tmp_path):
         for process in tree:  # what deepspeed.launcher.launch.terminate_process_tree does
             process.terminate()
         assert rank.wait(timeout=10) == -signal.SIGTERM
+        lines = [line for line in log.read_text().splitlines() if line.startswith("error: rank 7 on ")]
+        assert lines and "was stopped" in lines[0], log.read_text()[-2000:]
     finally:
         rank.kill()
         server.kill()

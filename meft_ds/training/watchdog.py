@@ -67,12 +67,14 @@ def _stopped(pid: int) -> bool:
         return False
 
 
-def _end_on_terminate(parent: int) -> None:
+def _end_on_terminate(parent: int, rank: str) -> None:
     """SIGTERM: the rank stops its watchdog this way, and a launcher ending the whole process tree (the deepspeed
     launcher after another local rank failed) sends it to the rank and to this process alike. A stopped rank
     cannot act on its SIGTERM, and the launcher would wait 30 s before killing it: continue it, so the
-    termination it was sent takes effect."""
+    termination it was sent takes effect, and say which rank was the stopped one (it cannot say so itself)."""
     if _parent_alive(parent) and _stopped(parent):
+        print(f"error: rank {rank} on {socket.gethostname()}: watchdog: this rank was stopped (SIGSTOP, a debugger) "
+              "when its launcher ended the job; letting the launcher's SIGTERM end it", file=sys.stderr, flush=True)
         os.kill(parent, signal.SIGCONT)
     os._exit(0)
 
@@ -103,7 +105,7 @@ def main() -> None:
 
     master_addr, master_port, parent, rank, timeout_s, grace_s = sys.argv[1:7]
     parent, timeout_s, grace_s = int(parent), float(timeout_s), float(grace_s)
-    signal.signal(signal.SIGTERM, lambda *_: _end_on_terminate(parent))
+    signal.signal(signal.SIGTERM, lambda *_: _end_on_terminate(parent, rank))
     # The first connection is checked like every request: the job can fail or hang before it is made (this
     # process needs a while to import torch on a busy host), and then this rank is the one to end.
     store, error = _in_time(lambda: TCPStore(master_addr, int(master_port), is_master=False, wait_for_workers=False,
