@@ -19,7 +19,7 @@ STREAM_ARITHMETICS = ("exact", "float")
 ADAPTER_INITS = ("normal", "zero_up")
 STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 STATE_DTYPES = {"int64": torch.int64, "int32": torch.int32}
-# Exact arithmetic range: |value| < 2^(61 - frac_bits) (coupling.QUANTISED_LIMIT); 2^(61-45) = 65536 > 65504,
+# Exact arithmetic range: |value| < 2^(61 - frac_bits) (coupling.limits, int64 states); 2^(61-45) = 65536 > 65504,
 # float16's largest value. Below 8 fractional bits the streams would round F and G outputs too coarsely.
 MIN_FRAC_BITS, MAX_FRAC_BITS = 8, 45
 # int32 states: |value| < 2^(29 - frac_bits); at most 21 fractional bits leaves |value| < 256.

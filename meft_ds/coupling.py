@@ -101,15 +101,11 @@ class FloatCoupling:
         return None  # float reconstruction is approximate by design: nothing to verify bit-exactly
 
 
-# Quantised block outputs stay below the quantised limit and stream states below the state limit (in
-# magnitude), 2^(bits-3) and 2^(bits-2) for a `bits`-bit state: floor(x / m) + q then never wraps, and for
-# m >= 2 stays below the state limit without a check.
-QUANTISED_LIMIT = 2 ** 61  # int64 states
-STATE_LIMIT = 2 ** 62
-
-
 def limits(state_dtype: torch.dtype) -> tuple[int, int]:
-    """(quantised limit, state limit) for states of `state_dtype` (int64 or int32)."""
+    """(quantised limit, state limit) for states of `state_dtype`: 2^(bits-3) and 2^(bits-2) for a `bits`-bit
+    state (2^61 and 2^62 for int64). Quantised block outputs stay below the first and stream states below the
+    second (in magnitude): floor(x / m) + q then never wraps, and for m >= 2 stays below the state limit
+    without a check."""
     bits = torch.iinfo(state_dtype).bits
     return 2 ** (bits - 3), 2 ** (bits - 2)
 

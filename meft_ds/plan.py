@@ -64,6 +64,11 @@ MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream
                               split_layer_recompute=True, num_reversible_layers=None)
 
 
+def _unmeasured(meft_config: dict) -> dict:
+    """The MEFT settings (a MEFTConfig as a dict) that differ from what the activation counts were measured for."""
+    return {k: meft_config[k] for k, v in MEASURED_MEFT_DEFAULTS.items() if meft_config[k] != v}
+
+
 @dataclasses.dataclass
 class Shape:
     """The widths that activations depend on, read from the config."""
@@ -199,7 +204,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, seq_len: int, 
     mask = micro_batch * seq_len * seq_len  # the 4-D attention mask: kept as bool, used as a float copy
     if method == "meft":
         meft = MEFTConfig()
-        differing = {k: getattr(meft, k) for k, v in MEASURED_MEFT_DEFAULTS.items() if getattr(meft, k) != v}
+        differing = _unmeasured(meft.to_dict())
         if differing:  # the counts below would silently describe another backward
             raise RuntimeError(f"MEFTConfig's defaults changed ({differing}); the planner's MEFT activation counts "
                                f"were measured for {MEASURED_MEFT_DEFAULTS}: measure again (tests/test_plan.py).")
@@ -304,7 +309,7 @@ def run_line(config, *, method: str, stage: int, offload: bool, world_size: int,
     """
     frozen = None
     if method == "meft":
-        differing = {k: meft_config[k] for k, v in MEASURED_MEFT_DEFAULTS.items() if meft_config[k] != v}
+        differing = _unmeasured(meft_config)
         if differing:
             return (f"plan: not available for this MEFT setting ({differing}); python -m meft_ds.plan models "
                     f"MEFTConfig's defaults only")

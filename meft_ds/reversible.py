@@ -290,7 +290,8 @@ class ReversibleFunction(torch.autograd.Function):
                     "was aborted: zero the gradients and do not step the optimizer.")
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
-                carry = list(layer.backward_step(carry, remainders[2 * i: 2 * i + 2], inputs, seeds, run.compute_dtype))
+                carry = list(layer.backward_step(carry, remainders[2 * i: 2 * i + 2], inputs, seeds,
+                                                 run.compute_dtype))
                 if run.after_layer_backward is not None:
                     run.after_layer_backward(layer)
                 out1, out2 = carry[0], carry[1]

@@ -332,6 +332,26 @@ def _watched_count(port: int) -> int:
     return client.add("meft_ds/watchdog/7", 0)
 
 
+def _start_watched_rank(port: int, log, **watchdog) -> subprocess.Popen:
+    """A stand-in rank 7 that starts its watchdog (start_watchdog's keyword arguments) and sleeps; stderr to `log`."""
+    code = (f"import sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
+            "from meft_ds.training.watchdog import start_watchdog\n"
+            f"start_watchdog('127.0.0.1', {port}, 7, **{watchdog!r})\ntime.sleep(300)\n")
+    with open(log, "w") as stderr:
+        return subprocess.Popen([sys.executable, "-c", code], stderr=stderr)
+
+
+def _wait_until_watched(port: int, timeout: float = 120) -> None:
+    """Until rank 7's watchdog has connected and asked the store once (it imports torch first)."""
+    deadline = time.monotonic() + timeout
+    while _watched_count(port) == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _error_lines(log) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("error: rank 7 on ")]
+
+
 # When the store's process stops or closes: before the watchdog's first connection (it needs a while to import
 # torch on a busy host; a fault then used to leave the rank unwatched for good), or after it.
 STORE_FATES = ["stopped-before-connect", "stopped-after-connect", "closed-before-connect"]
@@ -345,23 +365,21 @@ def test_a_launcher_can_end_a_stopped_rank_through_its_watchdog(tmp_path):
 
     port = free_port()
     server = _serve_store(port)
-    code = (f"import sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
-            "from meft_ds.training.watchdog import start_watchdog\n"
-            f"start_watchdog('127.0.0.1', {port}, 7, timeout_s=60.0)\ntime.sleep(300)\n")
     log = tmp_path / "rank.log"
-    with open(log, "w") as stderr:
-        rank = subprocess.Popen([sys.executable, "-c", code], stderr=stderr)
+    rank = _start_watched_rank(port, log, timeout_s=60.0)
     try:
-        deadline = time.monotonic() + 120
-        while _watched_count(port) == 0 and time.monotonic() < deadline:  # the watchdog is up and connected
-            time.sleep(0.5)
+        _wait_until_watched(port)
         tree = psutil.Process(rank.pid).children(recursive=True) + [psutil.Process(rank.pid)]
         assert len(tree) == 2
         rank.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10  # a signal is delivered asynchronously: stopped before the launcher acts
+        while tree[-1].status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tree[-1].status() == psutil.STATUS_STOPPED
         for process in tree:  # what deepspeed.launcher.launch.terminate_process_tree does
             process.terminate()
         assert rank.wait(timeout=10) == -signal.SIGTERM
-        lines = [line for line in log.read_text().splitlines() if line.startswith("error: rank 7 on ")]
+        lines = _error_lines(log)
         assert lines and "was stopped" in lines[0], log.read_text()[-2000:]
     finally:
         rank.kill()
@@ -374,19 +392,13 @@ def test_a_launcher_can_end_a_stopped_rank_through_its_watchdog(tmp_path):
 def test_the_watchdog_ends_its_rank_whenever_the_store_goes(tmp_path, fate):
     port = free_port()
     server = _serve_store(port)
-    code = (f"import sys, time\nsys.path.insert(0, {str(REPO)!r})\n"
-            "from meft_ds.training.watchdog import start_watchdog\n"
-            f"start_watchdog('127.0.0.1', {port}, 7, timeout_s=2.0, grace_s=1.0)\ntime.sleep(300)\n")
     log = tmp_path / "rank.log"
     try:
         if fate.endswith("before-connect"):
             server.send_signal(signal.SIGSTOP if fate.startswith("stopped") else signal.SIGKILL)
-        with open(log, "w") as stderr:
-            rank = subprocess.Popen([sys.executable, "-c", code], stderr=stderr)
+        rank = _start_watched_rank(port, log, timeout_s=2.0, grace_s=1.0)
         if fate == "stopped-after-connect":
-            deadline = time.monotonic() + 120
-            while _watched_count(port) == 0 and time.monotonic() < deadline:
-                time.sleep(0.5)
+            _wait_until_watched(port)
             assert rank.poll() is None
             server.send_signal(signal.SIGSTOP)
             stopped_at = time.monotonic()
@@ -395,7 +407,7 @@ def test_the_watchdog_ends_its_rank_whenever_the_store_goes(tmp_path, fate):
         finally:
             rank.kill()
         assert code == -signal.SIGKILL, (code, log.read_text()[-2000:])
-        lines = [line for line in log.read_text().splitlines() if line.startswith("error: rank 7 on ")]
+        lines = _error_lines(log)
         assert lines and "watchdog" in lines[0], log.read_text()[-2000:]
         if fate == "stopped-after-connect":  # timeout 2 s + grace 1 s + a poll, with room for a busy machine
             assert time.monotonic() - stopped_at < 30
