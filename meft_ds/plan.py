@@ -183,9 +183,10 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
     """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included): the saved
     part (bytes saved for backward, kept from forward into backward) plus the largest working set of backward.
 
-    Counted in tensors alive at once, h = B*T*hidden and f = B*T*ffn elements, s the stream dtype's bytes,
-    c the compute dtype's; the counts were read from the peak composition that
-    meft_ds.memory.PeakTensorTracker reports (RoBERTa and OPT shapes, fp32 and bf16, 4 and 8 layers; tests/test_plan.py).
+    Counted in tensors alive at once, h = B*T*hidden and f = B*T*ffn elements (B = micro_batch,
+    T = max_seq_length: every batch padded to it), s the stream dtype's bytes,
+    c the compute dtype's; the counts were read from the peak composition that meft_ds.memory.PeakTensorTracker
+    reports (RoBERTa and OPT shapes, fp32 and bf16, 4 and 8 layers; tests/test_plan.py).
     - MEFT (MEASURED_MEFT_DEFAULTS) keeps the two top int64 streams, each reversible layer's packed
       remainders and the mask; its peak is the largest of three phases of one layer's backward:
       attention recompute + backward: 6 stream-dtype tensors (F's input, dy1 + dG/dy1, beta*dy2, F's

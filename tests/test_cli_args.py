@@ -57,7 +57,8 @@ def test_bad_values_exit_2(argv, capsys):
 
 
 def test_benchmark_flags_override_the_quick_preset():
-    config = config_from_args(_parser().parse_args(["--quick", "--depths", "2,4", "--no-padding", "--sections", "count"]))
+    argv = ["--quick", "--depths", "2,4", "--no-padding", "--sections", "count"]
+    config = config_from_args(_parser().parse_args(argv))
     assert (config.depths, config.padding, config.sections) == ((2, 4), False, ("count",))
     assert (config.layers, config.seq_lens) == (QUICK["layers"], QUICK["seq_lens"])
     assert config_from_args(_parser().parse_args([])) == BenchConfig()
