@@ -154,7 +154,7 @@ def _logged(run_dir) -> dict[str, float]:
 def test_model_states_match_telemetry(state_runs, case):
     stage, precision, method = case
     config = plan.load_config(str(state_runs / "model"))
-    rows = plan.plan_rows(config, world_size=2, seq_len=MAX_SEQ, micro_batch=MICRO_BATCH, precision=precision,
+    rows = plan.plan_rows(config, world_size=2, max_seq_length=MAX_SEQ, micro_batch=MICRO_BATCH, precision=precision,
                           task="classification")
     row = next(r for r in rows if (r["method"], r["stage"], r["offload"]) == (method, stage, False))
     predicted = {"frozen+trainable": row["frozen"] + row["trainable"], "grads": row["grads"],
@@ -182,7 +182,7 @@ def test_cli_help_exits_0():
 
 def test_cli_prints_every_method_and_a_fitting_setting(tmp_path, capsys):
     config = _tiny_config_file(tmp_path / "config.json")
-    assert plan.main(["--model", str(config), "--world_size", "2", "--gpu_memory", "64MiB", "--seq_len", "128",
+    assert plan.main(["--model", str(config), "--world_size", "2", "--gpu_memory", "64MiB", "--max_seq_length", "128",
                       "--micro_batch", "4", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     print(out)
@@ -205,7 +205,7 @@ def test_cli_bad_gpu_memory_is_one_error_line(tmp_path, capsys):
 def test_recommendation_fits_and_gives_way_in_order(tmp_path):
     """A tighter budget first costs micro-batch, then ZeRO stage or frozen layers; nothing fits -> None."""
     config = plan.load_config(str(_tiny_config_file(tmp_path / "config.json")))
-    run_flags = dict(world_size=2, seq_len=128, precision="fp32", task="causal_lm")
+    run_flags = dict(world_size=2, max_seq_length=128, precision="fp32", task="causal_lm")
     roomy = plan.recommend(config, 2**30, **run_flags, micro_batch=8)
     assert (roomy["stage"], roomy["micro_batch"], roomy["num_frozen_layers"]) == (0, 8, 2)
     assert roomy["num_reversible_layers"] == 4 and roomy["device"] <= 2**30
@@ -223,13 +223,14 @@ def test_recommendation_fits_and_gives_way_in_order(tmp_path):
 
 def test_run_line_for_the_launcher(tmp_path):
     config = plan.load_config(str(_tiny_config_file(tmp_path / "config.json")))
-    common = dict(stage=3, offload=False, world_size=2, seq_len=128, micro_batch=4, precision="bf16", task="causal_lm")
+    common = dict(stage=3, offload=False, world_size=2, max_seq_length=128, micro_batch=4, precision="bf16",
+                  task="causal_lm")
     meft = MEFTConfig(num_frozen_layers=1).to_dict()
     line = plan.run_line(config, method="meft", meft_config=meft, **common)
-    row = next(r for r in plan.plan_rows(config, world_size=2, seq_len=128, micro_batch=4, precision="bf16",
+    row = next(r for r in plan.plan_rows(config, world_size=2, max_seq_length=128, micro_batch=4, precision="bf16",
                                          task="causal_lm", num_frozen_layers=1, methods=("meft",)) if r["stage"] == 3)
     assert line.startswith("plan: meft, ZeRO-3, micro-batch 4 x 128 tokens: about ")
-    assert f"{row['device'] / 2**20:.1f} MiB per rank" in line
+    assert f"{row['device'] / 2**20:.2f} MiB per rank" in line
     other = plan.run_line(config, method="meft", meft_config=dict(meft, stream_arithmetic="float"), **common)
     assert other.startswith("plan: not available for this MEFT setting ({'stream_arithmetic': 'float'})")
     assert plan.run_line(config, method="lora", **common).startswith("plan: lora, ZeRO-3")
