@@ -352,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu_memory", default="80GiB", help="Memory of one GPU, e.g. 80GiB, 40GB, 24576MiB.")
     parser.add_argument("--reserve", default=None, help="Held back from --gpu_memory for what the plan does not "
                         "model (CUDA context, communication buffers, fragmentation); default 10%% of it.")
-    parser.add_argument("--max_seq_length", type=int, default=2048, help="The run's --max_seq_length: tokens per "
-                        "sequence, every batch taken as padded to it (the worst case).")
+    parser.add_argument("--max_seq_length", "--seq_len", type=int, default=2048, help="The run's --max_seq_length: "
+                        "tokens per sequence, every batch taken as padded to it (the worst case).")
     parser.add_argument("--micro_batch", type=int, default=4, help="Sequences per rank and micro-step.")
     parser.add_argument("--precision", default="bf16", choices=tuple(PRECISION_BYTES))
     parser.add_argument("--task", default=None, choices=("causal_lm", "classification"),

@@ -194,6 +194,11 @@ def test_cli_prints_every_method_and_a_fitting_setting(tmp_path, capsys):
     assert fits["meft", "0", "no"] == "yes" and fits["full", "0", "no"] == "NO"  # 64 MiB: full is 4x the weights
 
 
+def test_cli_seq_len_is_the_same_flag_as_max_seq_length():
+    # --seq_len (the spelling of issue 11's planner command) is a second option string of --max_seq_length.
+    assert plan.build_parser().parse_args(["--model", "m", "--seq_len", "512"]).max_seq_length == 512
+
+
 def test_cli_bad_gpu_memory_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plan.main(["--model", str(_tiny_config_file(tmp_path / "config.json")), "--gpu_memory", "80XB"])
