@@ -451,8 +451,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
-    cfg = config_from_args(args)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as error:  # BenchConfig's checks: one error line, exit 2, as argparse's own
+        parser.error(str(error))
     results = run_benchmark(cfg, argv)
     from .report import markdown
     print(markdown(results))

@@ -52,7 +52,8 @@ from .memory import format_bytes
 from .models import REGISTRY, default_num_frozen_layers
 
 METHODS = ("meft", "lora", "lora_gc", "full")
-PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISION_BYTES = {name: dtype.itemsize for name, dtype in PRECISION_DTYPES.items()}
 # (ZeRO stage, offload) rows; offload = the optimizer (ZeRO 1-3) and, under ZeRO-3, the weights too.
 SETTINGS = [(0, False)] + [(stage, offload) for stage in (1, 2, 3) for offload in (False, True)]
 DECODER_ONLY = ("opt", "llama", "mistral")
@@ -61,7 +62,7 @@ ADAM_BYTES = 12  # fp32 master copy + two fp32 moments per trainable weight
 INT64 = FLOAT64 = 8
 
 # The MEFT settings the activation counts below were measured with (MEFTConfig's defaults when they were).
-MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="float32", state_dtype="int64",
+MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="auto", state_dtype="int64",
                               split_layer_recompute=True, num_reversible_layers=None)
 
 
@@ -178,7 +179,7 @@ def remainder_bytes(elements: int, config: MEFTConfig) -> int:
     return total
 
 
-def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length: int, compute_bytes: int,
+def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length: int, precision: str,
                      trained_layers: int, task: str) -> int:
     """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included): the saved
     part (bytes saved for backward, kept from forward into backward) plus the largest working set of backward.
@@ -203,7 +204,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       bf16 alike), which ends before the layers' backward starts, so they add to the saved part only.
     """
     tokens = micro_batch * max_seq_length
-    h, f, c = tokens * shape.hidden, tokens * shape.ffn, compute_bytes
+    h, f, c = tokens * shape.hidden, tokens * shape.ffn, PRECISION_BYTES[precision]
     mask = micro_batch * max_seq_length**2  # the 4-D attention mask: kept as bool, used as a float copy
     if method == "meft":
         meft = MEFTConfig()
@@ -211,7 +212,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         if differing:  # the counts below would silently describe another backward
             raise RuntimeError(f"MEFTConfig's defaults changed ({differing}); the planner's MEFT activation counts "
                                f"were measured for {MEASURED_MEFT_DEFAULTS}: measure again (tests/test_plan.py).")
-        s = meft.torch_stream_dtype.itemsize
+        s = meft.torch_stream_dtype_for(PRECISION_DTYPES[precision]).itemsize
         saved = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
         working = max(6 * s * h + 13 * c * h + c * mask,
                       6 * s * h + 3 * c * h + 3 * c * f,
@@ -257,7 +258,8 @@ def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, tas
         frozen = frozen_default if method == "meft" else 0
         params, largest = meta_model(config, task, method, frozen if method == "meft" else None, adapter_dim)
         total, trainable = sum(n for n, _ in params), sum(n for n, t in params if t)
-        activations = activation_bytes(shape, method, micro_batch, max_seq_length, w, shape.num_layers - frozen, task)
+        activations = activation_bytes(shape, method, micro_batch, max_seq_length, precision, shape.num_layers - frozen,
+                                       task)
         for stage, offload in SETTINGS:
             states = model_states(params, stage, offload, world_size, w)
             # ZeRO-3 gathers a module's weights for its forward/backward (and prefetches the next): 2 modules.

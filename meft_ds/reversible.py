@@ -455,13 +455,15 @@ class MEFTStack(nn.Module):
     """
 
     def __init__(self, frozen_layers, meft_layers, num_reversible_layers: int, main_stream: int,
-                 coupling, backward: str, prepare_inputs, run_frozen):
+                 coupling, stream_dtype_for, backward: str, prepare_inputs, run_frozen):
         super().__init__()
         self.frozen_layers = nn.ModuleList(frozen_layers)
         self.meft_layers = nn.ModuleList(meft_layers)
         self.num_reversible_layers = num_reversible_layers
         self.main_stream = main_stream
         self.coupling = coupling
+        # compute dtype -> the streams' value dtype (MEFTConfig.torch_stream_dtype_for), applied at every forward.
+        self.stream_dtype_for = stream_dtype_for
         for layer in self.meft_layers:
             layer.coupling = coupling
             layer.record_nonfinite = isinstance(coupling, ExactCoupling)
@@ -526,6 +528,9 @@ class MEFTStack(nn.Module):
                 for layer in self.frozen_layers:
                     h = self.run_frozen(layer, h, inputs)
         compute_dtype = h.dtype
+        # The coupling's value dtype follows the model's (bf16 weights: bf16 values for stream_dtype="auto"); every
+        # layer shares this coupling.
+        self.coupling.value_dtype = self.stream_dtype_for(compute_dtype)
         h = h.to(self.stream_dtype)
         if self.training:
             base = int(torch.randint(0, 2**62, ()).item())

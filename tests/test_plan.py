@@ -67,7 +67,7 @@ def test_activation_peak_matches_the_tracker(case):
     model = setups.build_method(setups.base_model(config, seed=0, dtype=dtype), setups.Method(method))
     measured = _measured_activations(model, setups.make_batch(config, BATCH, SEQ, seed=0, padding=True))
     predicted = plan.activation_bytes(plan.shape_of(config), "meft" if method.startswith("meft") else method, BATCH,
-                                      SEQ, plan.PRECISION_BYTES[precision], layers, "classification")
+                                      SEQ, precision, layers, "classification")
     print(f"{case}: predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured
 
@@ -79,7 +79,7 @@ def test_activation_peak_at_opt_1_3b_widths(method):
     model = setups.build_method(setups.base_model(config, seed=0), setups.Method(method))
     measured = _measured_activations(model, setups.make_batch(config, 1, 256, seed=0, padding=True))
     predicted = plan.activation_bytes(plan.shape_of(config), "meft" if method.startswith("meft") else method, 1, 256,
-                                      4, 2, "classification")
+                                      "fp32", 2, "classification")
     print(f"OPT-1.3B widths, 2 layers, {method}: predicted {predicted / 2**20:.2f} MiB, "
           f"measured {measured / 2**20:.2f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured
@@ -92,7 +92,7 @@ def test_causal_lm_loss_peak_matches_the_tracker():
     model = make_reversible(AutoModelForCausalLM.from_config(config), MEFTConfig())
     ids = torch.randint(3, config.vocab_size, (BATCH, SEQ))
     measured = _measured_activations(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids))
-    predicted = plan.activation_bytes(plan.shape_of(config), "meft", BATCH, SEQ, 4,
+    predicted = plan.activation_bytes(plan.shape_of(config), "meft", BATCH, SEQ, "fp32",
                                       3 - plan.default_num_frozen_layers(config), "causal_lm")
     print(f"causal LM: predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured
