@@ -349,14 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m meft_ds.plan",
         description="Per-rank GPU memory of MEFT, LoRA, LoRA + checkpointing and full fine-tuning under ZeRO 0-3, "
                     "from the model config only (no weights), and a MEFT setting that fits.")
-    parser.add_argument("--model", required=True, help="Hub name, model directory or config.json.")
+    # Each flag also takes the trainer's name for the same setting, so a run's flags can be pasted.
+    parser.add_argument("--model", "--model_name_or_path", required=True,
+                        help="Hub name, model directory or config.json.")
     parser.add_argument("--world_size", type=int, default=1, help="Number of ranks (GPUs).")
     parser.add_argument("--gpu_memory", default="80GiB", help="Memory of one GPU, e.g. 80GiB, 40GB, 24576MiB.")
     parser.add_argument("--reserve", default=None, help="Held back from --gpu_memory for what the plan does not "
                         "model (CUDA context, communication buffers, fragmentation); default 10%% of it.")
     parser.add_argument("--max_seq_length", "--seq_len", type=int, default=2048, help="The run's --max_seq_length: "
                         "tokens per sequence, every batch taken as padded to it (the worst case).")
-    parser.add_argument("--micro_batch", type=int, default=4, help="Sequences per rank and micro-step.")
+    parser.add_argument("--micro_batch", "--per_device_train_batch_size", type=int, default=4,
+                        help="Sequences per rank and micro-step.")
     parser.add_argument("--precision", default="bf16", choices=tuple(PRECISION_BYTES))
     parser.add_argument("--task", default=None, choices=("causal_lm", "classification"),
                         help="Head and loss; default causal_lm for decoder-only models, else classification.")

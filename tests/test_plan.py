@@ -194,9 +194,11 @@ def test_cli_prints_every_method_and_a_fitting_setting(tmp_path, capsys):
     assert fits["meft", "0", "no"] == "yes" and fits["full", "0", "no"] == "NO"  # 64 MiB: full is 4x the weights
 
 
-def test_cli_seq_len_is_the_same_flag_as_max_seq_length():
-    # --seq_len (the spelling of issue 11's planner command) is a second option string of --max_seq_length.
+def test_cli_takes_the_trainers_flag_names_too():
+    # --seq_len is the spelling of issue 11's planner command; the trainer's names work as well.
     assert plan.build_parser().parse_args(["--model", "m", "--seq_len", "512"]).max_seq_length == 512
+    args = plan.build_parser().parse_args(["--model_name_or_path", "m", "--per_device_train_batch_size", "3"])
+    assert (args.model, args.micro_batch) == ("m", 3)
 
 
 def test_cli_bad_gpu_memory_is_one_error_line(tmp_path, capsys):
