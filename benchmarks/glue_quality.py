@@ -11,15 +11,24 @@ table + JSON.
     .venv/bin/python benchmarks/glue_quality.py --seeds 42 43 44     # more seeds (finished runs are reused)
     .venv/bin/python benchmarks/glue_quality.py --quick --work_dir /tmp/gq   # smoke run, a few steps
     .venv/bin/python benchmarks/glue_quality.py --search --seeds 42 43 44   # learning rates chosen first (below)
+    GLUE_DIR=... .venv/bin/python benchmarks/glue_quality.py --plateau       # issue 17's plateau table (hours)
 
-Runs whose results.json already exists in --work_dir are reused (so the sweep can be extended or
-resumed) if they were trained with exactly the flags this call would use (else a clear error); pass
---rerun to train them again. Runs are strictly sequential. Run directories are named
+--eval_steps N evaluates on the dev set every N steps; each run's curve (dev metric vs step) is read from its
+log, aggregated over seeds per step (mean, std, min, max) and written as a table and a PNG plot
+(<out_md stem>_<task>_curves.png next to the page). --run_time_limit S ends a run (the launcher and every rank)
+that is still going after S seconds: it is reported as cut off, with the statistics of the last step every
+seed of its method evaluated, never as a finished run, and no "within one point" verdict is drawn from it.
+
+Runs whose results.json already exists in --work_dir (or that were cut off) are reused (so the sweep can be
+extended or resumed) if they were trained with exactly the flags this call would use (else a clear error);
+pass --rerun to train them again. Runs are strictly sequential. Run directories are named
 <task>-<method>-lr<lr>[-<tag>]-s<seed>.
 
 --search chooses each method's learning rate before the table's runs: every rate of SEARCH_GRID is
 trained with the SST-2 budget and the first seed, and scored on a selection split of 872 sentences
-held out from SST-2 train (never on the dev set the table reports); the best is used for every task.
+held out from SST-2 train (never on the dev set the table reports); the best is used for every task. When
+the table trains on the whole SST-2 train file (--plateau), the selection split is held out of it and the
+search runs train on the rest.
 """
 
 from __future__ import annotations
@@ -581,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.plateau and t.task_name in a.tasks:  # one epoch, as the trainer counts it (last partial batch dropped)
             train_file = Path(t.data_dir) / "train.tsv"
             if not train_file.exists():
-                raise SystemExit(f"--plateau trains on {_shown(str(train_file))}, which does not exist: set GLUE_DIR "
+                raise SystemExit(f"--plateau trains on {train_file}, which does not exist: set GLUE_DIR "
                                  "to the folder holding SST-2/ (or pass --data_dir sst2=...)")
             t.max_steps = (len(train_file.read_text().splitlines()) - 1) // global_batch
         if a.quick:
