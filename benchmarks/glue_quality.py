@@ -487,6 +487,9 @@ def read_record(out: Path, method: str, task: TaskBudget, seed: int, log: Path |
     curve = read_curve(entries, task.metric)
     if cut_off:
         res, value = {}, (curve[-1][1] if curve else None)
+        counted = re.search(r"trainable parameters (\d+) of", log.read_text(errors="replace")) if log else None
+        if counted:  # the trainer's start-up line; results.json would carry it
+            res["trainable_parameters"] = int(counted.group(1))
     else:
         res = json.loads((out / "results.json").read_text())
         value = _find_metric(res, task.metric)

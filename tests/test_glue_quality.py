@@ -132,7 +132,7 @@ def _fake_run(work: Path, data: Path, method: str, seed: int, curve: list[tuple[
     out.mkdir(parents=True)
     cmd = gq.launch_command(method, task, seed, out, budget, lr, 1)
     (out / "glue_quality_run.json").write_text(json.dumps({"cmd": cmd, "wall_s": 50.0, "cut_off": cut_off}))
-    lines = [" ".join(cmd)]
+    lines = [" ".join(cmd), "2026-11-30 17:00:00,000 meft_ds.train: world size 1 | full | trainable parameters 7 of 9"]
     for i, (step, acc) in enumerate(curve):  # a train entry every 50 steps, 1 s apart: 0.02 s per step
         for s in range(step - 50, step + 1, 50):
             if s > 0:
@@ -177,7 +177,9 @@ def test_curves_aggregated_plotted_and_cut_off_runs_marked(tmp_path):
     assert [p["n"] for p in meft1["curve"]] == [2, 2, 1, 1] and meft1["curve"][1]["mean"] == pytest.approx(0.77)
     text = md.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| meft1 | sst2"))
-    assert "77.00 +- 2.83 **at step 200 (cut off: not a plateau)**" in row and "| 1: 200 |" in row
+    assert "77.00 +- 2.83 **at step 200 (cut off: not a plateau)**" in row and "| 1: 200 | 7 |" in row
+    cut_run = next(r for r in json.loads(js.read_text())["runs"] if r["cut_off"])
+    assert cut_run["trainable_parameters"] == 7 and cut_run["steps_done"] == 200  # read from its log
     assert "| sst2 | meft1 | None | None |" in text  # no verdict against a cut-off run
     assert "| 200 | 85.00 +- 1.41 | 77.00 +- 2.83 |" in text and "| 300 | 87.00 +- 1.41 | 85.00 +- 0.00 (1) |" in text
     png = md.parent / "q_sst2_curves.png"
