@@ -12,15 +12,15 @@ Run from the repository root (the results of these commands are in docs/benchmar
     # CUDA peak memory at OPT-1.3B size, 4 x 512 tokens: the peak_memory section of scripts/gpu_check.sh
 
 Sections (`--sections`, comma separated):
-  count   at the main shape, per method: bytes held for backward and their breakdown by part of the
+  count   at the main shape, per method: bytes saved for backward and their breakdown by part of the
           model, peak tensor memory of forward + backward and what is alive at that peak (measure.py);
   timing  every method built in this one process, steps interleaved round-robin (order rotated each
           round); step time and throughput as the median per-round ratio to LoRA (CPU time on CPU);
   peak    peak memory per method over the built model: CPU resident set in a fresh process per method
           (forked from a pre-importing fork server), CUDA allocator counters on a GPU;
-  depth   held bytes and peak tensor memory vs number of layers (--depths); the PNG plot;
+  depth   saved bytes and peak tensor memory vs number of layers (--depths); the PNG plot;
   seq     the same vs sequence length (--seq_lens);
-  shapes  other shapes (--shapes) at --shapes_seq_len, measured at 2 and 4 layers: held bytes
+  shapes  other shapes (--shapes) at --shapes_seq_len, measured at 2 and 4 layers: saved bytes
           extrapolated linearly to the shape's real depth (they are exactly linear in depth from 2
           layers up, as the depth section shows), peaks reported as measured.
 
@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from meft_ds.cli_args import add_flags
+
 from .measure import count_saved, make_optimizer, peak_memory, state_bytes, train_step
 from .setups import (DEFAULT_FROZEN_METHODS, DEFAULT_METHODS, METHODS, SHAPES, Method, base_model, build_method,
                      make_batch, make_config, share_frozen_copy, trainable_parameters)
@@ -59,7 +61,7 @@ MIB = 2**20
 
 @dataclass
 class BenchConfig:
-    """One benchmark run. Every field is a command-line flag of the same name (dashes for underscores)."""
+    """One benchmark run. Every field is a command-line flag of the same name."""
 
     shape: str = field(default="roberta-base", metadata={"help": f"Model shape: {sorted(SHAPES)}."})
     layers: int | None = field(default=None, metadata={"help": "Depth of the main shape (default: the shape's own)."})
@@ -74,14 +76,15 @@ class BenchConfig:
     device: str = field(default="cpu", metadata={"help": "cpu | cuda."})
     threads: int = field(default=1, metadata={"help": "torch.set_num_threads (CPU)."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights and the batch."})
-    methods: tuple = field(default=DEFAULT_METHODS, metadata={"help": "Methods without frozen layers."})
-    frozen_methods: tuple = field(default=DEFAULT_FROZEN_METHODS, metadata={
+    methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={"help": "Methods without frozen layers."})
+    frozen_methods: tuple[str, ...] = field(default=DEFAULT_FROZEN_METHODS, metadata={
         "help": "Methods also run with frozen lower layers."})
     frozen_fraction: float = field(default=0.25, metadata={
         "help": "Frozen layers = round(fraction x layers), at least 1."})
-    depths: tuple = field(default=(6, 12, 24, 48), metadata={"help": "Depths of the depth section."})
-    seq_lens: tuple = field(default=(64, 128, 256, 512), metadata={"help": "Sequence lengths of the seq section."})
-    shapes: tuple = field(default=("roberta-large", "opt-1.3b", "llama-1.1b"), metadata={
+    depths: tuple[int, ...] = field(default=(6, 12, 24, 48), metadata={"help": "Depths of the depth section."})
+    seq_lens: tuple[int, ...] = field(default=(64, 128, 256, 512), metadata={
+        "help": "Sequence lengths of the seq section."})
+    shapes: tuple[str, ...] = field(default=("roberta-large", "opt-1.3b", "llama-1.1b"), metadata={
         "help": "Shapes of the shapes section."})
     shapes_seq_len: int = field(default=512, metadata={"help": "Sequence length of the shapes section."})
     shapes_batch_size: int = field(default=1, metadata={"help": "Batch size of the shapes section."})
@@ -90,7 +93,7 @@ class BenchConfig:
     peak_steps: int = field(default=3, metadata={"help": "Steps per peak-memory measurement."})
     peak_in_process: bool = field(default=False, metadata={"help": "CPU: measure peak memory in this process "
                                   "(as on CUDA) instead of a fresh process per method; less exact."})
-    sections: tuple = field(default=SECTIONS[:5], metadata={"help": f"Subset of {SECTIONS}."})
+    sections: tuple[str, ...] = field(default=SECTIONS[:5], metadata={"help": f"Subset of {SECTIONS}."})
     keep_going: bool = field(default=False, metadata={"help": "Record a method's error and go on instead of "
                              "stopping (for one-shot GPU runs); errors are listed in the report."})
     out_dir: str = field(default="output/bench", metadata={"help": "Where results.json/.md and the PNG go."})
@@ -437,35 +440,23 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true",
                         help=f"Preset for a few CPU minutes: {QUICK}; flags override it.")
-    for f in dataclasses.fields(BenchConfig):
-        flag = "--" + f.name  # underscores, as the launcher's flags
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        elif isinstance(f.default, tuple):
-            parser.add_argument(flag, default=None, help=f.metadata["help"] + " Comma separated.")
-        else:
-            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+    add_flags(parser, BenchConfig, defaults=False)  # None = not given: --quick's value or the field default
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    values = dict(QUICK) if args.quick else {}
-    for f in dataclasses.fields(BenchConfig):
-        value = getattr(args, f.name)
-        if value is None:
-            continue
-        if isinstance(f.default, tuple):
-            items = [v for v in value.split(",") if v]
-            value = tuple(int(v) for v in items) if f.name in ("depths", "seq_lens") else tuple(items)
-        values[f.name] = value
-    return BenchConfig(**values)
+    given = {name: value for name, value in vars(args).items() if value is not None and name != "quick"}
+    return BenchConfig(**{**(QUICK if args.quick else {}), **given})
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
-    cfg = config_from_args(args)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as error:  # BenchConfig's checks: one error line, exit 2, as argparse's own
+        parser.error(str(error))
     results = run_benchmark(cfg, argv)
     from .report import markdown
     print(markdown(results))

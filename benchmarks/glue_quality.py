@@ -2,7 +2,7 @@
 
 Runs the project's own launcher (`launch/train.py`, a subprocess per run) for every method x task x seed
 with the same budget (steps, global batch, max_seq_length, warm-up), reads each run's results.json (dev
-metric, trainable parameters, wall time), measures activation bytes per step with
+metric, trainable parameters, wall time), measures the saved bytes per step (bytes saved for backward) with
 `meft_ds.memory.SavedTensorCounter` on one training micro-batch of the same model build
 (`meft_ds.training.modeling.make_recipe` / `build_model`, fp32, train mode), and writes a markdown
 table + JSON.
@@ -236,7 +236,7 @@ def run_one(cmd: list[str], out: Path, log: Path, threads: int, time_limit: floa
     return wall, cut_off
 
 
-def activation_bytes(method: str, task: TaskBudget, batch_size: int, model_name_or_path: str | None = None,
+def saved_bytes(method: str, task: TaskBudget, batch_size: int, model_name_or_path: str | None = None,
                      extra: dict | None = None) -> int:
     """Bytes autograd saves for backward for one training micro-batch (the first `batch_size` training
     examples, dynamically padded as the trainer does), fp32, train mode, same model build as the run."""
@@ -301,8 +301,8 @@ def aggregate(records: list[dict]) -> dict:
         cell.setdefault("learning_rates", [])
         if r.get("learning_rate") is not None and r["learning_rate"] not in cell["learning_rates"]:
             cell["learning_rates"].append(r["learning_rate"])
-        if r.get("activation_bytes") is not None:
-            cell["activation_bytes"] = r["activation_bytes"]
+        if r.get("saved_bytes") is not None:
+            cell["saved_bytes"] = r["saved_bytes"]
     for task in table.values():
         for cell in task.values():
             by_step: dict = {}
@@ -337,7 +337,7 @@ def _x100(value: float | None) -> str:
 def markdown(table: dict, budget_lines: list[str]) -> str:
     methods = [m for m in METHODS if any(m in t for t in table.values())]
     lines = ["| method | task | learning rate | dev metric (mean +- std, x100) | runs (seeds) | min / max "
-             "| cut off (seed: last step) | trainable params | activation bytes / step | wall s / run (mean) "
+             "| cut off (seed: last step) | trainable params | saved bytes / step | wall s / run (mean) "
              "| s / step (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, cells in table.items():
@@ -345,7 +345,7 @@ def markdown(table: dict, budget_lines: list[str]) -> str:
             if m not in cells:
                 continue
             c = cells[m]
-            act = c.get("activation_bytes")
+            saved = c.get("saved_bytes")
             walls = [w for w in c["wall_s"] if w is not None]
             wall = f"{statistics.fmean(walls):.0f}" if walls else "n/a"
             per_step = f"{statistics.fmean(c['seconds_per_step']):.2f}" if c["seconds_per_step"] else "n/a"
@@ -356,7 +356,7 @@ def markdown(table: dict, budget_lines: list[str]) -> str:
             lines.append(
                 f"| {m} | {task} ({c['metric']}) | {', '.join(f'{lr:g}' for lr in c['learning_rates']) or 'n/a'} "
                 f"| {mean} | {c['n']} ({', '.join(map(str, c['seeds']))}) | {_x100(c['min'])} / {_x100(c['max'])} "
-                f"| {cut} | {params} | {f'{act:,}' if act is not None else 'n/a'} | {wall} | {per_step} |")
+                f"| {cut} | {params} | {f'{saved:,}' if saved is not None else 'n/a'} | {wall} | {per_step} |")
     lines.append("")
     lines.append("Within one point (mean, 1.0 accuracy point) of the reference (None: missing or a run cut off):")
     lines.append("")
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="suffix of the run directories, e.g. float (--plateau: plateau)")
     p.add_argument("--rerun", action="store_true")
     p.add_argument("--no_train", action="store_true", help="only aggregate finished runs in --work_dir")
-    p.add_argument("--no_activation", action="store_true")
+    p.add_argument("--no_saved_bytes", action="store_true", help="do not count the saved bytes per step")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, one seed")
     p.add_argument("--port", type=int, default=29731)
     p.add_argument("--search", action="store_true",
@@ -665,18 +665,18 @@ def main(argv: list[str] | None = None) -> int:
                 if rec is not None:
                     records.append(rec)
 
-    if not a.no_activation:
-        cache = work / "activation_bytes.json"
+    if not a.no_saved_bytes:
+        cache = work / "saved_bytes.json"
         act = json.loads(cache.read_text()) if cache.exists() else {}
         for tname, task in tasks.items():
             for m in a.methods:
                 key = f"{tname}/{m}/{a.per_device_train_batch_size}/{task.max_seq_length}/{a.model_name_or_path}"
                 if key not in act:
-                    act[key] = activation_bytes(m, task, a.per_device_train_batch_size, a.model_name_or_path)
+                    act[key] = saved_bytes(m, task, a.per_device_train_batch_size, a.model_name_or_path)
                     cache.write_text(json.dumps(act, indent=2))
                 for r in records:
                     if r["task"] == tname and r["method"] == m:
-                        r["activation_bytes"] = act[key]
+                        r["saved_bytes"] = act[key]
 
     table = aggregate(records)
     budget_lines = [
@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- learning rates: {', '.join(f'{m} {lrs[m]:g}' for m in a.methods)}; seeds {seeds}"
         + (" (chosen by --search, below)" if search else " (fixed, no search)")
         + "".join(f"; {t} {m}: {lr:g} (set per task)" for (t, m), lr in task_lrs.items() if t in tasks),
-        "- activation bytes / step: SavedTensorCounter on one micro-batch (the first "
+        "- saved bytes / step: SavedTensorCounter on one micro-batch (the first "
         f"{budget.per_device_train_batch_size} training examples, dynamic padding), fp32, train mode.",
     ]
     md = "# Learning quality on GLUE: MEFT vs full fine-tuning and LoRA\n\n" \

@@ -200,7 +200,7 @@ def plot(results: dict, path: Path) -> bool:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=9, title="method (dashed: +frozen)", title_fontsize=9)
     frac = c["frozen_fraction"]
-    fig.suptitle(f"Activation memory per training step: held for backward (top), peak during forward+backward "
+    fig.suptitle(f"Activation memory per training step: saved for backward (top), peak during forward+backward "
                  f"(bottom)\n+frozen = lowest {frac:.0%} of layers frozen; {c['device']}, {c['dtype']}, attention "
                  f"{c['attn']}; meft1/2/3 coincide on top", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 0.95))

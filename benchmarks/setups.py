@@ -19,7 +19,9 @@ Methods (`METHODS`), all training the task head:
 - meft1_exact_one_stage: meft1_exact with MEFTConfig.split_layer_recompute=False (F, a whole layer,
                   recomputed in one piece in backward: more memory, less time).
 - meft1_exact_bf16: meft1_exact with MEFTConfig.stream_dtype="bfloat16" (decoded stream values and the
-                  gradients through the coupling in bf16; the states stay int64).
+                  gradients through the coupling in bf16; the states stay int64). With bf16 weights this is
+                  what the default ("auto") does; meft1_exact_fp32 keeps float32 values there (the default
+                  before 2026-11-30).
 - meft1_exact_int32, meft1_exact_bf16_int32: meft1_exact and meft1_exact_bf16 with int32 states
                   (MEFTConfig.state_dtype="int32", frac_bits=16).
 Any method can also run with the lowest `num_frozen_layers` layers frozen (label suffix `+frozenK`):
@@ -108,7 +110,8 @@ class Method:
 HAS_EXACT = "stream_arithmetic" in {f.name for f in dataclasses.fields(MEFTConfig)}
 METHODS = ("full", "lora", "lora_gc", "lora_gc_naive", "meft1_vanilla", "meft2_vanilla", "meft3_vanilla",
            "meft1", "meft2", "meft3") + (("meft1_exact", "meft2_exact", "meft3_exact", "meft1_exact_one_stage",
-                                          "meft1_exact_bf16", "meft1_exact_int32", "meft1_exact_bf16_int32")
+                                          "meft1_exact_bf16", "meft1_exact_fp32", "meft1_exact_int32",
+                                          "meft1_exact_bf16_int32")
                                          if HAS_EXACT else ())
 DEFAULT_METHODS = ("full", "lora", "lora_gc", "meft1_vanilla", "meft1", "meft2", "meft3") + (
     ("meft1_exact",) if HAS_EXACT else ())
@@ -227,6 +230,7 @@ def build_method(model: nn.Module, method: Method) -> nn.Module:
     variant, _, suffix = method.name.partition("_")
     options = {"vanilla": dict(backward="vanilla"), "exact": {}, "": {},
                "exact_one_stage": dict(split_layer_recompute=False), "exact_bf16": dict(stream_dtype="bfloat16"),
+               "exact_fp32": dict(stream_dtype="float32"),
                "exact_int32": dict(state_dtype="int32", frac_bits=16),
                "exact_bf16_int32": dict(stream_dtype="bfloat16", state_dtype="int32", frac_bits=16)}[suffix]
     if HAS_EXACT:  # pinned: the core's default arithmetic may change

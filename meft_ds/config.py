@@ -17,7 +17,8 @@ VARIANT_FACTORS = {
 BACKWARD_MODES = ("reversible", "vanilla")
 STREAM_ARITHMETICS = ("exact", "float")
 ADAPTER_INITS = ("normal", "zero_up")
-STREAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+# "auto": the value dtype follows the model (MEFTConfig.torch_stream_dtype_for).
+STREAM_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 STATE_DTYPES = {"int64": torch.int64, "int32": torch.int32}
 # Exact arithmetic range: |value| < 2^(61 - frac_bits) (coupling.limits, int64 states); 2^(61-45) = 65536 > 65504,
 # float16's largest value. Below 8 fractional bits the streams would round F and G outputs too coarsely.
@@ -75,10 +76,11 @@ class MEFTConfig:
     adapter_init_std: float = field(default=0.02, metadata={"help": "Std of the normal adapter init."})
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout inside each adapter."})
     stream_dtype: str = field(
-        default="float32",
+        default="auto",
         metadata={"help": "dtype of the streams' float values (what F and G read) and of the gradients through the "
-                          "coupling: float32 | float64 | bfloat16 (exact arithmetic only; less memory in bf16 runs, "
-                          "gradients rounded to bf16).",
+                          "coupling: auto | float32 | float64 | bfloat16 (exact arithmetic only: less memory, gradients "
+                          "rounded to bf16). auto: bfloat16 when the model computes in bf16 (bf16 weights, e.g. "
+                          "DeepSpeed's bf16 mode) and the arithmetic is exact, float64 for float64 weights, else float32.",
                   "choices": tuple(STREAM_DTYPES)},
     )
     stream_arithmetic: str = field(
@@ -182,9 +184,19 @@ class MEFTConfig:
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"MEFTConfig.backward={self.backward!r} is unknown; use one of {BACKWARD_MODES}.")
 
-    @property
-    def torch_stream_dtype(self) -> torch.dtype:
-        return STREAM_DTYPES[self.stream_dtype]
+    def torch_stream_dtype_for(self, compute_dtype: torch.dtype) -> torch.dtype:
+        """The streams' value dtype when F and G compute in `compute_dtype` (the dtype of the model's hidden states).
+
+        "auto" is the model's own dtype, widened to float32 where that would not work: fp16 (its range overflows
+        the sums of the streams) and bf16 with the float arithmetic (bf16 is lost in two rebuilt layers). bf16
+        values with the exact arithmetic halve the working tensors of the reversible step; F and G read bf16
+        anyway, and the gradients through the coupling are rounded to bf16 as in LoRA's backward.
+        """
+        if self.stream_dtype != "auto":
+            return STREAM_DTYPES[self.stream_dtype]
+        if compute_dtype == torch.float64 or (compute_dtype == torch.bfloat16 and self.stream_arithmetic == "exact"):
+            return compute_dtype
+        return torch.float32
 
     @property
     def torch_state_dtype(self) -> torch.dtype:

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import warnings
 
+import torch
 from torch import nn
 
 from .adapters import Adapter, SerialAdapter
@@ -70,9 +71,10 @@ def _convert_layer(layer: nn.Module, config: MEFTConfig, model_config, family: F
 
 
 def _coupling(config: MEFTConfig):
+    value_dtype = config.torch_stream_dtype_for(torch.float32)  # until the first forward sees the model's dtype
     if config.stream_arithmetic == "exact":
-        return ExactCoupling(config.torch_stream_dtype, config.frac_bits, config.torch_state_dtype)
-    return FloatCoupling(config.torch_stream_dtype)
+        return ExactCoupling(value_dtype, config.frac_bits, config.torch_state_dtype)
+    return FloatCoupling(value_dtype)
 
 
 def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
@@ -125,7 +127,7 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
                                  else config.num_reversible_layers)
         stack = MEFTStack(
             frozen, meft_layers, num_reversible_layers, main_stream=_VARIANTS[config.variant][3],
-            coupling=_coupling(config), backward=config.backward,
+            coupling=_coupling(config), stream_dtype_for=config.torch_stream_dtype_for, backward=config.backward,
             prepare_inputs=family.input_binder(layers[0]), run_frozen=family.run_frozen,
         )
         weight = next(layers[0].parameters())

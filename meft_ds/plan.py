@@ -1,6 +1,6 @@
 """Memory planner: per-rank memory of MEFT, LoRA, LoRA + checkpointing and full fine-tuning, from a model config.
 
-    python -m meft_ds.plan --model facebook/opt-1.3b --world_size 8 --gpu_memory 80GiB --seq_len 2048 \\
+    python -m meft_ds.plan --model facebook/opt-1.3b --world_size 8 --gpu_memory 80GiB --max_seq_length 2048 \\
         --micro_batch 4 --precision bf16
 
 Reads only the model's config (a hub name, a model directory or a config.json; no weights) and prints, for
@@ -48,10 +48,12 @@ import torch
 from .adapter_io import ModelRecipe, apply_method
 from .config import MEFTConfig
 from .coupling import ExactCoupling
+from .memory import format_bytes
 from .models import REGISTRY, default_num_frozen_layers
 
 METHODS = ("meft", "lora", "lora_gc", "full")
-PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISION_BYTES = {name: dtype.itemsize for name, dtype in PRECISION_DTYPES.items()}
 # (ZeRO stage, offload) rows; offload = the optimizer (ZeRO 1-3) and, under ZeRO-3, the weights too.
 SETTINGS = [(0, False)] + [(stage, offload) for stage in (1, 2, 3) for offload in (False, True)]
 DECODER_ONLY = ("opt", "llama", "mistral")
@@ -60,7 +62,7 @@ ADAM_BYTES = 12  # fp32 master copy + two fp32 moments per trainable weight
 INT64 = FLOAT64 = 8
 
 # The MEFT settings the activation counts below were measured with (MEFTConfig's defaults when they were).
-MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="float32", state_dtype="int64",
+MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="auto", state_dtype="int64",
                               split_layer_recompute=True, num_reversible_layers=None)
 
 
@@ -177,13 +179,15 @@ def remainder_bytes(elements: int, config: MEFTConfig) -> int:
     return total
 
 
-def activation_bytes(shape: Shape, method: str, micro_batch: int, seq_len: int, compute_bytes: int,
+def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length: int, precision: str,
                      trained_layers: int, task: str) -> int:
-    """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included).
+    """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included): the saved
+    part (bytes saved for backward, kept from forward into backward) plus the largest working set of backward.
 
-    Counted in tensors alive at once, h = B*T*hidden and f = B*T*ffn elements, s the stream dtype's bytes,
-    c the compute dtype's; the counts were read from the peak composition that benchmarks/measure.py's
-    PeakTensorTracker reports (RoBERTa and OPT shapes, fp32 and bf16, 4 and 8 layers; tests/test_plan.py).
+    Counted in tensors alive at once, h = B*T*hidden and f = B*T*ffn elements (B = micro_batch,
+    T = max_seq_length: every batch padded to it), s the stream dtype's bytes,
+    c the compute dtype's; the counts were read from the peak composition that meft_ds.memory.PeakTensorTracker
+    reports (RoBERTa and OPT shapes, fp32 and bf16, 4 and 8 layers; tests/test_plan.py).
     - MEFT (MEASURED_MEFT_DEFAULTS) keeps the two top int64 streams, each reversible layer's packed
       remainders and the mask; its peak is the largest of three phases of one layer's backward:
       attention recompute + backward: 6 stream-dtype tensors (F's input, dy1 + dG/dy1, beta*dy2, F's
@@ -197,32 +201,32 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, seq_len: int, 
     - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one
       FFN-sized, 2 bool dropout masks) and peak at the start of backward (4 hidden-sized + 1 FFN-sized more).
     - A causal-LM loss upcasts the logits: three fp32 B*T*vocab tensors are alive at its backward (fp32 and
-      bf16 alike), which ends before the layers' backward starts, so they add to the held part only.
+      bf16 alike), which ends before the layers' backward starts, so they add to the saved part only.
     """
-    tokens = micro_batch * seq_len
-    h, f, c = tokens * shape.hidden, tokens * shape.ffn, compute_bytes
-    mask = micro_batch * seq_len * seq_len  # the 4-D attention mask: kept as bool, used as a float copy
+    tokens = micro_batch * max_seq_length
+    h, f, c = tokens * shape.hidden, tokens * shape.ffn, PRECISION_BYTES[precision]
+    mask = micro_batch * max_seq_length**2  # the 4-D attention mask: kept as bool, used as a float copy
     if method == "meft":
         meft = MEFTConfig()
         differing = _unmeasured(meft.to_dict())
         if differing:  # the counts below would silently describe another backward
             raise RuntimeError(f"MEFTConfig's defaults changed ({differing}); the planner's MEFT activation counts "
                                f"were measured for {MEASURED_MEFT_DEFAULTS}: measure again (tests/test_plan.py).")
-        s = meft.torch_stream_dtype.itemsize
-        held = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
+        s = meft.torch_stream_dtype_for(PRECISION_DTYPES[precision]).itemsize
+        saved = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
         working = max(6 * s * h + 13 * c * h + c * mask,
                       6 * s * h + 3 * c * h + 3 * c * f,
                       3 * INT64 * h + 5 * s * h + 2 * FLOAT64 * h + c * h)
     elif method == "lora_gc":
-        held = trained_layers * c * h + mask
+        saved = trained_layers * c * h + mask
         working = 12 * c * h + 2 * c * f + c * mask
     else:
         per_layer = (9 if method == "lora" else 10) * c * h + c * f + 2 * h
-        held = trained_layers * per_layer + mask
+        saved = trained_layers * per_layer + mask
         working = 4 * c * h + c * f + c * mask
     if task == "causal_lm":
         working = max(working, 12 * tokens * shape.vocab)
-    return held + working
+    return saved + working
 
 
 def deepspeed_estimate(total_params: int, largest_module_params: int, stage: int, offload: bool, world: int):
@@ -241,7 +245,8 @@ def deepspeed_estimate(total_params: int, largest_module_params: int, stage: int
 DEVICE_COMPONENTS = ("frozen", "trainable", "grads", "optimizer", "activations", "gathered")
 
 
-def plan_rows(config, *, world_size, seq_len, micro_batch, precision, task, num_frozen_layers=None, methods=METHODS):
+def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, task, num_frozen_layers=None,
+              methods=METHODS):
     """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers: MEFT's;
     None = the family default). Adapters and LoRA have MEFTConfig's default adapter_dim (the launcher's)."""
     shape, w, adapter_dim = shape_of(config), PRECISION_BYTES[precision], MEFTConfig().adapter_dim
@@ -253,7 +258,8 @@ def plan_rows(config, *, world_size, seq_len, micro_batch, precision, task, num_
         frozen = frozen_default if method == "meft" else 0
         params, largest = meta_model(config, task, method, frozen if method == "meft" else None, adapter_dim)
         total, trainable = sum(n for n, _ in params), sum(n for n, t in params if t)
-        activations = activation_bytes(shape, method, micro_batch, seq_len, w, shape.num_layers - frozen, task)
+        activations = activation_bytes(shape, method, micro_batch, max_seq_length, precision, shape.num_layers - frozen,
+                                       task)
         for stage, offload in SETTINGS:
             states = model_states(params, stage, offload, world_size, w)
             # ZeRO-3 gathers a module's weights for its forward/backward (and prefetches the next): 2 modules.
@@ -300,8 +306,8 @@ def summary(best: dict | None, budget: int) -> str:
             f"{gib(best['device'])} of {gib(budget)} GiB per rank")
 
 
-def run_line(config, *, method: str, stage: int, offload: bool, world_size: int, seq_len: int, micro_batch: int,
-             precision: str, task: str, meft_config: dict | None = None) -> str:
+def run_line(config, *, method: str, stage: int, offload: bool, world_size: int, max_seq_length: int,
+             micro_batch: int, precision: str, task: str, meft_config: dict | None = None) -> str:
     """One line: what the plan predicts per rank for a run's own setting (the launcher logs it at start).
 
     meft_config: the run's MEFTConfig as a dict (method "meft"); its num_frozen_layers is used, and a setting
@@ -314,14 +320,15 @@ def run_line(config, *, method: str, stage: int, offload: bool, world_size: int,
             return (f"plan: not available for this MEFT setting ({differing}); python -m meft_ds.plan models "
                     f"MEFTConfig's defaults only")
         frozen = meft_config["num_frozen_layers"]
-    row = next(r for r in plan_rows(config, world_size=world_size, seq_len=seq_len, micro_batch=micro_batch,
-                                    precision=precision, task=task, num_frozen_layers=frozen, methods=(method,))
+    row = next(r for r in plan_rows(config, world_size=world_size, max_seq_length=max_seq_length,
+                                    micro_batch=micro_batch, precision=precision, task=task,
+                                    num_frozen_layers=frozen, methods=(method,))
                if (r["stage"], r["offload"]) == (stage, offload))
-    size = lambda value: f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"  # noqa: E731
-    return (f"plan: {method}, ZeRO-{stage}{' offload' if offload else ''}, micro-batch {micro_batch} x {seq_len} "
-            f"tokens: about {size(row['device'])} per rank (weights {size(row['frozen'] + row['trainable'])}, "
-            f"gradients {size(row['grads'])}, optimizer {size(row['optimizer'])}, activations "
-            f"{size(row['activations'])}, ZeRO-3 gathered {size(row['gathered'])}; host {size(row['host'])}); "
+    return (f"plan: {method}, ZeRO-{stage}{' offload' if offload else ''}, micro-batch {micro_batch} x "
+            f"{max_seq_length} tokens: about {format_bytes(row['device'])} per rank (weights "
+            f"{format_bytes(row['frozen'] + row['trainable'])}, gradients {format_bytes(row['grads'])}, optimizer "
+            f"{format_bytes(row['optimizer'])}, activations {format_bytes(row['activations'])}, ZeRO-3 gathered "
+            f"{format_bytes(row['gathered'])}; host {format_bytes(row['host'])}); "
             "process overhead not included")
 
 
@@ -342,13 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m meft_ds.plan",
         description="Per-rank GPU memory of MEFT, LoRA, LoRA + checkpointing and full fine-tuning under ZeRO 0-3, "
                     "from the model config only (no weights), and a MEFT setting that fits.")
-    parser.add_argument("--model", required=True, help="Hub name, model directory or config.json.")
+    # Each flag also takes the trainer's name for the same setting, so a run's flags can be pasted.
+    parser.add_argument("--model", "--model_name_or_path", required=True,
+                        help="Hub name, model directory or config.json.")
     parser.add_argument("--world_size", type=int, default=1, help="Number of ranks (GPUs).")
     parser.add_argument("--gpu_memory", default="80GiB", help="Memory of one GPU, e.g. 80GiB, 40GB, 24576MiB.")
     parser.add_argument("--reserve", default=None, help="Held back from --gpu_memory for what the plan does not "
                         "model (CUDA context, communication buffers, fragmentation); default 10%% of it.")
-    parser.add_argument("--seq_len", type=int, default=2048, help="Tokens per sequence (padded length).")
-    parser.add_argument("--micro_batch", type=int, default=4, help="Sequences per rank and micro-step.")
+    parser.add_argument("--max_seq_length", "--seq_len", type=int, default=2048, help="The run's --max_seq_length: "
+                        "tokens per sequence, every batch taken as padded to it (the worst case).")
+    parser.add_argument("--micro_batch", "--per_device_train_batch_size", type=int, default=4,
+                        help="Sequences per rank and micro-step.")
     parser.add_argument("--precision", default="bf16", choices=tuple(PRECISION_BYTES))
     parser.add_argument("--task", default=None, choices=("causal_lm", "classification"),
                         help="Head and loss; default causal_lm for decoder-only models, else classification.")
@@ -362,7 +373,7 @@ def main(argv=None) -> int:
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
         reserve = gpu_memory // 10 if args.reserve is None else parse_bytes(args.reserve)
-        for name in ("world_size", "seq_len", "micro_batch"):
+        for name in ("world_size", "max_seq_length", "micro_batch"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} {getattr(args, name)} must be at least 1.")
         if reserve >= gpu_memory:
@@ -373,7 +384,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:
         parser.exit(2, "error: " + " ".join(str(error).split()) + "\n")  # one line, also for multi-line library errors
     task = args.task or ("causal_lm" if config.model_type in DECODER_ONLY else "classification")
-    run = dict(world_size=args.world_size, seq_len=args.seq_len, precision=args.precision, task=task)
+    run = dict(world_size=args.world_size, max_seq_length=args.max_seq_length, precision=args.precision, task=task)
     budget = gpu_memory - reserve
     rows = plan_rows(config, **run, micro_batch=args.micro_batch)
     best = recommend(config, budget, **run, micro_batch=args.micro_batch)
@@ -383,8 +394,8 @@ def main(argv=None) -> int:
     shape = shape_of(config)
     print(f"model: {shape.model_type}, {shape.num_layers} layers, hidden {shape.hidden}, FFN {shape.ffn}, "
           f"{shape.heads} heads, vocab {shape.vocab}; {rows[-1]['parameters']:,} parameters")
-    print(f"run: {args.world_size} rank(s), {args.precision}, micro-batch {args.micro_batch} x {args.seq_len} tokens, "
-          f"task {task}; MEFT: MEFTConfig defaults, num_frozen_layers {rows[0]['num_frozen_layers']}, "
+    print(f"run: {args.world_size} rank(s), {args.precision}, micro-batch {args.micro_batch} x {args.max_seq_length} "
+          f"tokens, task {task}; MEFT: MEFTConfig defaults, num_frozen_layers {rows[0]['num_frozen_layers']}, "
           f"{rows[0]['trainable_parameters']:,} trainable; LoRA r={MEFTConfig().adapter_dim}: "
           f"{next(r for r in rows if r['method'] == 'lora')['trainable_parameters']:,} trainable")
     print(f"GiB per rank. budget {gib(budget)} = --gpu_memory {gib(gpu_memory)} - {gib(reserve)} held back for process "

@@ -73,11 +73,6 @@ def _restored_autocast(states: list[tuple[str, bool, torch.dtype]]):
         yield
 
 
-def _checksum_key(seeds) -> int:
-    """A layer's checksum key: its F dropout seed, drawn afresh every forward (so it changes every step)."""
-    return seeds[0]
-
-
 class ReconstructionError(RuntimeError):
     """A layer input rebuilt in backward differs from the forward's (exact arithmetic only)."""
 
@@ -189,32 +184,176 @@ class MEFTLayer(nn.Module):
         return x1, x2, dx1, dx2
 
 
+class _Bookkeeping:
+    """What the reversible forward keeps per layer besides the top streams, and what backward checks per layer.
+
+    This base class is the float arithmetic's: nothing (its rebuild is approximate by design). Forward calls
+    `before_layer` with each layer's input streams and `after_layer` with the remainders the layer returned,
+    then `to_save` once, whose tensors go through save_for_backward (the object itself then holds none, so
+    saved-tensor hooks see every kept byte). Backward calls `load` with those tensors, then, from the top layer
+    down, `remainders(i)` for layer i's split and `check(i, x1, x2, seeds)` with its rebuilt input streams,
+    and `finish()` at the end.
+    """
+
+    verifies = False  # whether backward compares rebuilt inputs bit for bit (the autocast check relies on it)
+
+    def before_layer(self, x1: Stream, x2: Stream, seeds) -> None:
+        pass
+
+    def after_layer(self, remainders) -> None:
+        pass
+
+    def to_save(self, x1: Stream, x2: Stream) -> list[torch.Tensor]:
+        return []
+
+    def load(self, tensors) -> None:
+        pass
+
+    def remainders(self, i: int):
+        return None, None
+
+    def check(self, i: int, x1: Stream, x2: Stream, seeds) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class _ExactBookkeeping(_Bookkeeping):
+    """The exact arithmetic's: each layer's remainders, and a keyed checksum of each layer's input streams
+    taken in forward and compared with the rebuilt ones in backward (a mismatch raises ReconstructionError)."""
+
+    def __init__(self, coupling: ExactCoupling, first_index: int):
+        self.coupling, self.first_index = coupling, first_index
+        self._remainders, self._checksums = [], []
+        self._present: list[bool] = []
+        self.verifies = True
+
+    @staticmethod
+    def _key(seeds) -> int:
+        """A layer's checksum key: its F dropout seed, drawn afresh every forward (so it changes every step)."""
+        return seeds[0]
+
+    def _checksum(self, x1: Stream, x2: Stream, seeds) -> torch.Tensor:
+        key = self._key(seeds)
+        return torch.stack([self.coupling.checksum(x1, key), self.coupling.checksum(x2, key)])
+
+    def before_layer(self, x1, x2, seeds):
+        self._checksums.append(self._checksum(x1, x2, seeds))
+
+    def after_layer(self, remainders):
+        self._remainders.extend(remainders)
+
+    def to_save(self, x1, x2):
+        # A stream poisoned by a non-finite or out-of-range value (coupling.py) is NaN everywhere: one element
+        # of each top stream tells backward whether the forward was poisoned.
+        poison = torch.stack([x.value.detach()[(0,) * x.value.dim()] for x in (x1, x2)])
+        self._present = [r is not None for r in self._remainders]
+        tensors = [r for r in self._remainders if r is not None] + self._checksums + [poison]
+        self._remainders, self._checksums = [], []
+        return tensors
+
+    def load(self, tensors):
+        tensors = iter(tensors)
+        self._remainders = [next(tensors) if present else None for present in self._present]
+        self._checksums = [next(tensors) for _ in range(len(self._present) // 2)]
+        # Poisoned forward: the loss and the gradients are NaN already (as in vanilla mode) and the integer
+        # states hold no meaningful values, so there is no reconstruction to verify.
+        self.verifies = bool(torch.isfinite(next(tensors)).all())
+
+    def remainders(self, i):
+        return self._remainders[2 * i], self._remainders[2 * i + 1]
+
+    def check(self, i, x1, x2, seeds):
+        self._remainders[2 * i] = self._remainders[2 * i + 1] = None  # used: free them as backward goes down
+        if not self.verifies or torch.equal(self._checksum(x1, x2, seeds), self._checksums[i]):
+            return
+        first = [self.coupling.value_of(x)[(0,) * x.state.dim()] for x in (x1, x2)]
+        cause = ("the recomputed F or G output was not finite or out of range"
+                 if not torch.isfinite(torch.stack(first)).all() else
+                 "the recomputation of F or G was not bit-identical to the forward (RNG, autocast, "
+                 "math backend or batch shape changed between forward and backward?)")
+        raise ReconstructionError(
+            f"MEFT layer {self.first_index + i}: the input streams rebuilt in backward differ from the "
+            f"forward's (checksum mismatch): {cause}. This backward was aborted: gradients of the layers "
+            "above are incomplete, so zero them and do not step the optimizer.")
+
+
+class _ReconstructionProbe(_Bookkeeping):
+    """MEFTStack.measuring_reconstruction: keeps every layer's input stream values (visible to saved-tensor hooks,
+    like cached backprop) and reports the largest relative error of the rebuilt ones to `report(error)`."""
+
+    def __init__(self, coupling, report: Callable[[float], None]):
+        self.coupling, self.report = coupling, report
+        self._kept: list[torch.Tensor] = []
+        self._worst = None
+
+    def before_layer(self, x1, x2, seeds):
+        self._kept.append(torch.stack([x1.value, x2.value]))
+
+    def to_save(self, x1, x2):
+        kept, self._kept = self._kept, []
+        return kept
+
+    def load(self, tensors):
+        self._kept = list(tensors)
+
+    def check(self, i, x1, x2, seeds):
+        kept = self._kept[i]
+        self._kept[i] = None
+        rebuilt = torch.stack([self.coupling.value_of(x1), self.coupling.value_of(x2)]).double()
+        error = (rebuilt - kept).norm() / kept.double().norm().clamp_min(1e-30)
+        self._worst = error if self._worst is None else torch.maximum(self._worst, error)
+
+    def finish(self):
+        if self._worst is not None:
+            self.report(self._worst.item())
+
+
 class _StackRun:
     """What one forward of the reversible part needs again in backward (no tensors: those are saved)."""
 
     def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index, report=None,
                  after_layer_backward=None):
         self.layers, self.seeds, self.compute_dtype, self.rebuild = layers, seeds, compute_dtype, rebuild
-        self.coupling, self.first_index = coupling, first_index
+        self.coupling = coupling
         # Called with each layer once backward is done with it (MEFTStack.after_layer_backward).
         self.after_layer_backward = after_layer_backward
-        # When set, a callable(error: float): the forward keeps every layer's input streams (visible to
-        # saved-tensor hooks, like cached backprop) and backward reports the largest relative error of
-        # the rebuilt ones. A diagnostic for sampled steps, not for every step.
-        self.report = report
+        # The arithmetic's bookkeeping, and when `report` is set (a callable(error: float)) the reconstruction
+        # probe: a diagnostic for sampled steps, not for every step.
+        self.bookkeeping = [_ExactBookkeeping(coupling, first_index) if coupling.keeps_remainders
+                            else _Bookkeeping()]
+        if report is not None:
+            self.bookkeeping.append(_ReconstructionProbe(coupling, report))
+        self.ledger = self.bookkeeping[0]
+        self.last_layer_index = first_index + len(layers) - 1
+
+
+def _save(ctx, *groups: list[torch.Tensor]) -> None:
+    """save_for_backward of several lists of tensors; `_saved(ctx)` gives the lists back."""
+    ctx.save_for_backward(*[t for group in groups for t in group])
+    ctx.group_sizes = [len(group) for group in groups]
+
+
+def _saved(ctx) -> list[list[torch.Tensor]]:
+    saved, groups, start = ctx.saved_tensors, [], 0
+    for size in ctx.group_sizes:
+        groups.append(list(saved[start: start + size]))
+        start += size
+    return groups
 
 
 class ReversibleFunction(torch.autograd.Function):
     """Runs a list of MEFT layers without caching activations; rebuilds them in backward.
 
     Saved for backward (all through save_for_backward, so saved-tensor hooks see them): the top two
-    streams, the tensors among the layer inputs (masks, rotary tables, encoder states) and, for the
-    exact arithmetic, each layer's remainders and input checksums. Tensors among the layer inputs that
-    require grad (e.g. a decoder's encoder_hidden_states) get their gradient. Parameters are never
-    inputs of this Function (docs/method.md, ZeRO rule 3). Returns the top streams' values and, for the exact
-    arithmetic, their integer states (not differentiable) so that cached layers above continue exactly.
-    Backward rebuilds every layer's input in place in the storage of the saved top streams (which the
-    returned values/states share): they are not to be read after backward; a second backward through
+    streams, the tensors among the layer inputs (masks, rotary tables, encoder states) and what the
+    arithmetic's bookkeeping keeps (exact: each layer's remainders and input checksums). Tensors among the
+    layer inputs that require grad (e.g. a decoder's encoder_hidden_states) get their gradient. Parameters
+    are never inputs of this Function (docs/method.md, ZeRO rule 3). Returns the top streams' values and, for
+    the exact arithmetic, their integer states (not differentiable) so that cached layers above continue
+    exactly. Backward rebuilds every layer's input in place in the storage of the saved top streams (which
+    the returned values/states share): they are not to be read after backward; a second backward through
     the same graph (retain_graph) fails loudly on autograd's version check instead of using them.
     """
 
@@ -223,28 +362,17 @@ class ReversibleFunction(torch.autograd.Function):
         coupling = run.coupling
         inputs = run.rebuild(input_tensors)
         x1, x2 = coupling.encode(h1), coupling.encode(h2)
-        remainders, checksums, kept = [], [], []
         for layer, seeds in zip(run.layers, run.seeds):
-            if coupling.keeps_remainders:
-                key = _checksum_key(seeds)
-                checksums.append(torch.stack([coupling.checksum(x1, key), coupling.checksum(x2, key)]))
-            if run.report is not None:
-                kept.append(torch.stack([x1.value, x2.value]))
-            (x1, x2), layer_remainders = layer(x1, x2, inputs, seeds, run.compute_dtype)
-            remainders.extend(layer_remainders)
+            for book in run.bookkeeping:
+                book.before_layer(x1, x2, seeds)
+            (x1, x2), remainders = layer(x1, x2, inputs, seeds, run.compute_dtype)
+            run.ledger.after_layer(remainders)
         ctx.run = run
         # The integer states get no gradient: without this, autograd would allocate int64 zeros for them.
         ctx.set_materialize_grads(False)
         ctx.autocast = _autocast_state(x1.value.device.type)
-        ctx.remainders_present = [r is not None for r in remainders]
-        ctx.num_inputs = len(input_tensors)
-        ctx.num_checksums = len(checksums)
-        if checksums:
-            # A stream poisoned by a non-finite or out-of-range value (coupling.py) is NaN everywhere: one
-            # element of each top stream tells backward whether the forward was poisoned.
-            checksums.append(torch.stack([x.value.detach()[(0,) * x.value.dim()] for x in (x1, x2)]))
-        ctx.save_for_backward(coupling.to_saved(x1), coupling.to_saved(x2), *input_tensors,
-                              *[r for r in remainders if r is not None], *checksums, *kept)
+        _save(ctx, [coupling.to_saved(x1), coupling.to_saved(x2)], input_tensors,
+              *[book.to_save(x1, x2) for book in run.bookkeeping])
         if coupling.keeps_remainders:
             ctx.mark_non_differentiable(x1.state, x2.state)
             return x1.value, x2.value, x1.state, x2.state
@@ -254,71 +382,40 @@ class ReversibleFunction(torch.autograd.Function):
     def backward(ctx, dx1, dx2, *_state_grads):
         run: _StackRun = ctx.run
         coupling = run.coupling
-        saved = ctx.saved_tensors
-        out1, out2 = coupling.from_saved(saved[0]), coupling.from_saved(saved[1])
+        (top1, top2), input_tensors, *kept = _saved(ctx)
+        for book, tensors in zip(run.bookkeeping, kept):
+            book.load(tensors)
+        del kept
         # Streams the loss does not depend on get no gradient (materialize_grads is off): zeros.
-        dx1 = torch.zeros(saved[0].shape, dtype=coupling.value_dtype, device=saved[0].device) if dx1 is None else dx1
-        dx2 = torch.zeros(saved[1].shape, dtype=coupling.value_dtype, device=saved[1].device) if dx2 is None else dx2
-        input_tensors = saved[2: 2 + ctx.num_inputs]
-        rest = iter(saved[2 + ctx.num_inputs:])
-        remainders = [next(rest) if present else None for present in ctx.remainders_present]
-        checksums = [next(rest) for _ in range(ctx.num_checksums)]
-        if checksums:
-            # Poisoned forward: the loss and these gradients are NaN already (as in vanilla mode) and the
-            # integer states hold no meaningful values, so there is no reconstruction to verify.
-            if not torch.isfinite(next(rest)).all():
-                checksums = []
-        kept = list(rest)
-        del saved
-        device = dx1.device
-        worst = torch.zeros((), dtype=torch.float64, device=device)
+        dx1 = torch.zeros(top1.shape, dtype=coupling.value_dtype, device=top1.device) if dx1 is None else dx1
+        dx2 = torch.zeros(top2.shape, dtype=coupling.value_dtype, device=top2.device) if dx2 is None else dx2
         leaves = [t.detach().requires_grad_(True) if need else t.detach()
                   for t, need in zip(input_tensors, ctx.needs_input_grad[3:])]
         inputs = run.rebuild(leaves)
         # backward_step empties `carry` and refills it through its return value, so no stale stream
         # or gradient stays referenced here while a layer is recomputed.
-        carry = [out1, out2, dx1, dx2]
-        del out1, out2, dx1, dx2
+        carry = [coupling.from_saved(top1), coupling.from_saved(top2), dx1, dx2]
+        del top1, top2, dx1, dx2
         with _restored_autocast(ctx.autocast):
-            now = _autocast_state(device.type)
-            if checksums and now != ctx.autocast:
+            now = _autocast_state(carry[2].device.type)
+            if run.ledger.verifies and now != ctx.autocast:
                 # With bf16 weights the recomputed values can still match bit for bit while the backward of F
                 # and G runs in other dtypes (gradients off by ~0.4%): the checksum alone would not see it.
                 raise ReconstructionError(
-                    f"MEFT layer {run.first_index + len(run.layers) - 1}: backward runs under autocast {now}, the "
-                    f"forward ran under {ctx.autocast}; the recomputation would not be the forward's. This backward "
-                    "was aborted: zero the gradients and do not step the optimizer.")
+                    f"MEFT layer {run.last_layer_index}: backward runs under autocast {now}, the forward ran "
+                    f"under {ctx.autocast}; the recomputation would not be the forward's. This backward was "
+                    "aborted: zero the gradients and do not step the optimizer.")
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
-                carry = list(layer.backward_step(carry, remainders[2 * i: 2 * i + 2], inputs, seeds,
-                                                 run.compute_dtype))
+                carry = list(layer.backward_step(carry, run.ledger.remainders(i), inputs, seeds, run.compute_dtype))
                 if run.after_layer_backward is not None:
                     run.after_layer_backward(layer)
-                out1, out2 = carry[0], carry[1]
-                if kept:
-                    rebuilt = torch.stack([coupling.value_of(out1), coupling.value_of(out2)]).double()
-                    error = (rebuilt - kept[i]).norm() / kept[i].double().norm().clamp_min(1e-30)
-                    worst = torch.maximum(worst, error)
-                if checksums:
-                    key = _checksum_key(seeds)
-                    rebuilt = torch.stack([coupling.checksum(out1, key), coupling.checksum(out2, key)])
-                    if not torch.equal(rebuilt, checksums[i]):
-                        first = [coupling.value_of(x)[(0,) * x.state.dim()] for x in (out1, out2)]
-                        cause = ("the recomputed F or G output was not finite or out of range"
-                                 if not torch.isfinite(torch.stack(first)).all() else
-                                 "the recomputation of F or G was not bit-identical to the forward (RNG, autocast, "
-                                 "math backend or batch shape changed between forward and backward?)")
-                        raise ReconstructionError(
-                            f"MEFT layer {run.first_index + i}: the input streams rebuilt in backward differ from "
-                            f"the forward's (checksum mismatch): {cause}. This backward was aborted: gradients of "
-                            "the layers above are incomplete, so zero them and do not step the optimizer."
-                        )
-                del out1, out2
-        dx1, dx2 = carry[2], carry[3]
-        if kept:
-            run.report(worst.item())
+                for book in run.bookkeeping:
+                    book.check(i, carry[0], carry[1], seeds)
+        for book in run.bookkeeping:
+            book.finish()
         input_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
-        return (None, dx1, dx2, *input_grads)
+        return (None, carry[2], carry[3], *input_grads)
 
 
 class _Inputs:
@@ -358,13 +455,15 @@ class MEFTStack(nn.Module):
     """
 
     def __init__(self, frozen_layers, meft_layers, num_reversible_layers: int, main_stream: int,
-                 coupling, backward: str, prepare_inputs, run_frozen):
+                 coupling, stream_dtype_for, backward: str, prepare_inputs, run_frozen):
         super().__init__()
         self.frozen_layers = nn.ModuleList(frozen_layers)
         self.meft_layers = nn.ModuleList(meft_layers)
         self.num_reversible_layers = num_reversible_layers
         self.main_stream = main_stream
         self.coupling = coupling
+        # compute dtype -> the streams' value dtype (MEFTConfig.torch_stream_dtype_for), applied at every forward.
+        self.stream_dtype_for = stream_dtype_for
         for layer in self.meft_layers:
             layer.coupling = coupling
             layer.record_nonfinite = isinstance(coupling, ExactCoupling)
@@ -429,6 +528,9 @@ class MEFTStack(nn.Module):
                 for layer in self.frozen_layers:
                     h = self.run_frozen(layer, h, inputs)
         compute_dtype = h.dtype
+        # The coupling's value dtype follows the model's (bf16 weights: bf16 values for stream_dtype="auto"); every
+        # layer shares this coupling.
+        self.coupling.value_dtype = self.stream_dtype_for(compute_dtype)
         h = h.to(self.stream_dtype)
         if self.training:
             base = int(torch.randint(0, 2**62, ()).item())

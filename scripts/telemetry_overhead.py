@@ -4,7 +4,7 @@
 
 Runs launch/train.py in one process on the default model (the real MiniLM, MEFT) alternately with
 `--logging_steps 1` and `--logging_steps 1000000` (only the final step logs), `--rounds` times, then once
-with logging every step plus --log_saved_tensor_bytes and --reconstruction_error_steps 1; prints the mean
+with logging every step plus --log_saved_bytes and --reconstruction_error_steps 1; prints the mean
 step time of each run (train_runtime_s / steps from results.json: the whole loop, logging included).
 Alternating in one session keeps the comparison fair on a shared, noisy machine.
 """
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODES = {
     "off": ["--logging_steps", "1000000"],
     "every step": ["--logging_steps", "1"],
-    "every step + saved bytes + reconstruction": ["--logging_steps", "1", "--log_saved_tensor_bytes",
+    "every step + saved bytes + reconstruction": ["--logging_steps", "1", "--log_saved_bytes",
                                                   "--reconstruction_error_steps", "1"],
 }
 

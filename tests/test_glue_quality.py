@@ -1,5 +1,5 @@
 """benchmarks/glue_quality.py end to end on a tiny random BERT: real launcher runs (2 steps, one process),
-results.json read back, activation bytes counted, table + JSON written; plus the aggregation maths."""
+results.json read back, saved bytes counted, table + JSON written; plus the aggregation maths."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ def test_aggregate_mean_std_and_within_one_point():
         {"method": "full", "task": "sst2", "seed": 1, "metric": "accuracy", "value": 0.80, "trainable_parameters": 10},
         {"method": "full", "task": "sst2", "seed": 2, "metric": "accuracy", "value": 0.84, "trainable_parameters": 10},
         {"method": "meft1", "task": "sst2", "seed": 1, "metric": "accuracy", "value": 0.815,
-         "trainable_parameters": 3, "activation_bytes": 7},
+         "trainable_parameters": 3, "saved_bytes": 7},
     ]
     table = gq.aggregate(recs)
     assert table["sst2"]["full"]["mean"] == pytest.approx(0.82)
     assert table["sst2"]["full"]["std"] == pytest.approx(0.0282842712, rel=1e-6)
-    assert table["sst2"]["meft1"]["std"] == 0.0 and table["sst2"]["meft1"]["activation_bytes"] == 7
+    assert table["sst2"]["meft1"]["std"] == 0.0 and table["sst2"]["meft1"]["saved_bytes"] == 7
     assert gq.within_one_point(table, "meft1", "full", "sst2") is True
     assert gq.within_one_point(table, "meft1", "lora", "sst2") is None
     recs[2]["value"] = 0.80
@@ -61,7 +61,7 @@ def test_tiny_end_to_end(tmp_path):
     assert set(cells) == {"full", "lora", "meft1"}
     assert cells["full"]["learning_rates"] == [2e-4] and cells["lora"]["learning_rates"] == [gq.LEARNING_RATES["lora"]]
     for cell in cells.values():
-        assert 0.0 <= cell["mean"] <= 1.0 and cell["n"] == 1 and cell["activation_bytes"] > 0
+        assert 0.0 <= cell["mean"] <= 1.0 and cell["n"] == 1 and cell["saved_bytes"] > 0
     # full trains every weight; MEFT and LoRA far fewer
     assert cells["meft1"]["trainable_parameters"] < cells["full"]["trainable_parameters"]
     assert cells["lora"]["trainable_parameters"] < cells["full"]["trainable_parameters"]
@@ -87,7 +87,7 @@ def test_search_picks_the_best_rate_on_the_selection_split(tmp_path):
     argv = ["--methods", "meft1", "--tasks", "sst2", "--seeds", "1", "--max_steps", "3", "--ranks", "1",
             "--no_bf16", "--per_device_train_batch_size", "8", "--model_name_or_path", str(model),
             "--data_dir", f"sst2={data}", "--work_dir", str(tmp_path / "runs"), "--out_md", str(md),
-            "--out_json", str(js), "--port", str(free_port()), "--no_activation", "--search",
+            "--out_json", str(js), "--port", str(free_port()), "--no_saved_bytes", "--search",
             "--grid", "meft1=1e-06,0.05", "--select_from", str(source)]
     with pytest.raises(SystemExit, match="only .* sentences outside"):  # 96 - 32 < 872 by default
         gq.main(argv)
@@ -163,7 +163,7 @@ def test_curves_aggregated_plotted_and_cut_off_runs_marked(tmp_path):
     argv = ["--methods", "full", "meft1", "--tasks", "sst2", "--seeds", "1", "2", "--max_steps", "400", "--ranks",
             "1", "--no_bf16", "--per_device_train_batch_size", "4", "--eval_steps", "100", "--tag", "plateau",
             "--data_dir", f"sst2={data}", "--work_dir", str(work), "--out_md", str(md), "--out_json", str(js),
-            "--no_train", "--no_activation"]
+            "--no_train", "--no_saved_bytes"]
     assert gq.main(argv) == 0
     table = json.loads(js.read_text())["table"]["sst2"]
     full, meft1 = table["full"], table["meft1"]

@@ -67,7 +67,7 @@ def test_activation_peak_matches_the_tracker(case):
     model = setups.build_method(setups.base_model(config, seed=0, dtype=dtype), setups.Method(method))
     measured = _measured_activations(model, setups.make_batch(config, BATCH, SEQ, seed=0, padding=True))
     predicted = plan.activation_bytes(plan.shape_of(config), "meft" if method.startswith("meft") else method, BATCH,
-                                      SEQ, plan.PRECISION_BYTES[precision], layers, "classification")
+                                      SEQ, precision, layers, "classification")
     print(f"{case}: predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured
 
@@ -79,7 +79,7 @@ def test_activation_peak_at_opt_1_3b_widths(method):
     model = setups.build_method(setups.base_model(config, seed=0), setups.Method(method))
     measured = _measured_activations(model, setups.make_batch(config, 1, 256, seed=0, padding=True))
     predicted = plan.activation_bytes(plan.shape_of(config), "meft" if method.startswith("meft") else method, 1, 256,
-                                      4, 2, "classification")
+                                      "fp32", 2, "classification")
     print(f"OPT-1.3B widths, 2 layers, {method}: predicted {predicted / 2**20:.2f} MiB, "
           f"measured {measured / 2**20:.2f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured
@@ -92,7 +92,7 @@ def test_causal_lm_loss_peak_matches_the_tracker():
     model = make_reversible(AutoModelForCausalLM.from_config(config), MEFTConfig())
     ids = torch.randint(3, config.vocab_size, (BATCH, SEQ))
     measured = _measured_activations(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids))
-    predicted = plan.activation_bytes(plan.shape_of(config), "meft", BATCH, SEQ, 4,
+    predicted = plan.activation_bytes(plan.shape_of(config), "meft", BATCH, SEQ, "fp32",
                                       3 - plan.default_num_frozen_layers(config), "causal_lm")
     print(f"causal LM: predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured
@@ -154,7 +154,7 @@ def _logged(run_dir) -> dict[str, float]:
 def test_model_states_match_telemetry(state_runs, case):
     stage, precision, method = case
     config = plan.load_config(str(state_runs / "model"))
-    rows = plan.plan_rows(config, world_size=2, seq_len=MAX_SEQ, micro_batch=MICRO_BATCH, precision=precision,
+    rows = plan.plan_rows(config, world_size=2, max_seq_length=MAX_SEQ, micro_batch=MICRO_BATCH, precision=precision,
                           task="classification")
     row = next(r for r in rows if (r["method"], r["stage"], r["offload"]) == (method, stage, False))
     predicted = {"frozen+trainable": row["frozen"] + row["trainable"], "grads": row["grads"],
@@ -182,7 +182,7 @@ def test_cli_help_exits_0():
 
 def test_cli_prints_every_method_and_a_fitting_setting(tmp_path, capsys):
     config = _tiny_config_file(tmp_path / "config.json")
-    assert plan.main(["--model", str(config), "--world_size", "2", "--gpu_memory", "64MiB", "--seq_len", "128",
+    assert plan.main(["--model", str(config), "--world_size", "2", "--gpu_memory", "64MiB", "--max_seq_length", "128",
                       "--micro_batch", "4", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     print(out)
@@ -192,6 +192,13 @@ def test_cli_prints_every_method_and_a_fitting_setting(tmp_path, capsys):
     assert recommendation.startswith("plan: meft, ZeRO-") and "num_frozen_layers=2" in recommendation
     fits = {(row[0], row[1], row[2]): row[11] for row in table}
     assert fits["meft", "0", "no"] == "yes" and fits["full", "0", "no"] == "NO"  # 64 MiB: full is 4x the weights
+
+
+def test_cli_takes_the_trainers_flag_names_too():
+    # --seq_len is the spelling of issue 11's planner command; the trainer's names work as well.
+    assert plan.build_parser().parse_args(["--model", "m", "--seq_len", "512"]).max_seq_length == 512
+    args = plan.build_parser().parse_args(["--model_name_or_path", "m", "--per_device_train_batch_size", "3"])
+    assert (args.model, args.micro_batch) == ("m", 3)
 
 
 def test_cli_bad_gpu_memory_is_one_error_line(tmp_path, capsys):
@@ -205,7 +212,7 @@ def test_cli_bad_gpu_memory_is_one_error_line(tmp_path, capsys):
 def test_recommendation_fits_and_gives_way_in_order(tmp_path):
     """A tighter budget first costs micro-batch, then ZeRO stage or frozen layers; nothing fits -> None."""
     config = plan.load_config(str(_tiny_config_file(tmp_path / "config.json")))
-    run_flags = dict(world_size=2, seq_len=128, precision="fp32", task="causal_lm")
+    run_flags = dict(world_size=2, max_seq_length=128, precision="fp32", task="causal_lm")
     roomy = plan.recommend(config, 2**30, **run_flags, micro_batch=8)
     assert (roomy["stage"], roomy["micro_batch"], roomy["num_frozen_layers"]) == (0, 8, 2)
     assert roomy["num_reversible_layers"] == 4 and roomy["device"] <= 2**30
@@ -223,13 +230,14 @@ def test_recommendation_fits_and_gives_way_in_order(tmp_path):
 
 def test_run_line_for_the_launcher(tmp_path):
     config = plan.load_config(str(_tiny_config_file(tmp_path / "config.json")))
-    common = dict(stage=3, offload=False, world_size=2, seq_len=128, micro_batch=4, precision="bf16", task="causal_lm")
+    common = dict(stage=3, offload=False, world_size=2, max_seq_length=128, micro_batch=4, precision="bf16",
+                  task="causal_lm")
     meft = MEFTConfig(num_frozen_layers=1).to_dict()
     line = plan.run_line(config, method="meft", meft_config=meft, **common)
-    row = next(r for r in plan.plan_rows(config, world_size=2, seq_len=128, micro_batch=4, precision="bf16",
+    row = next(r for r in plan.plan_rows(config, world_size=2, max_seq_length=128, micro_batch=4, precision="bf16",
                                          task="causal_lm", num_frozen_layers=1, methods=("meft",)) if r["stage"] == 3)
     assert line.startswith("plan: meft, ZeRO-3, micro-batch 4 x 128 tokens: about ")
-    assert f"{row['device'] / 2**20:.1f} MiB per rank" in line
+    assert f"{row['device'] / 2**20:.2f} MiB per rank" in line
     other = plan.run_line(config, method="meft", meft_config=dict(meft, stream_arithmetic="float"), **common)
     assert other.startswith("plan: not available for this MEFT setting ({'stream_arithmetic': 'float'})")
     assert plan.run_line(config, method="lora", **common).startswith("plan: lora, ZeRO-3")

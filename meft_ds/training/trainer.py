@@ -286,7 +286,7 @@ def setup(args: RunArgs) -> Run:
     offload = _offload_device(ds_config) not in (None, "none")
     try:  # an estimate for the log: a model the planner cannot count must not stop a run that can train
         line = plan.run_line(model_config, method=args.method, stage=zero_stage(ds_config), offload=offload,
-                             world_size=env.world_size, seq_len=args.max_seq_length, micro_batch=micro_size,
+                             world_size=env.world_size, max_seq_length=args.max_seq_length, micro_batch=micro_size,
                              precision=_precision(args), task=spec.kind, meft_config=recipe.meft_config)
     except Exception as error:  # noqa: BLE001 - said in the log, in one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -425,7 +425,7 @@ def fit(run: Run) -> dict:
     telemetry = RankTelemetry(engine.module, run.optimizer, engine.device, logging_dir=args.logging_dir,
                               rank=env.rank, world_size=env.world_size, logging_steps=args.logging_steps,
                               last_step=run.total_steps, reconstruction_error_steps=args.reconstruction_error_steps,
-                              log_saved_tensor_bytes=args.log_saved_tensor_bytes)
+                              log_saved_bytes=args.log_saved_bytes)
     progress = tqdm(total=run.total_steps, initial=state["global_step"], disable=not env.is_main, desc="train",
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
     start_step, start_time, epoch, batches = state["global_step"], time.perf_counter(), None, []
