@@ -118,3 +118,115 @@ def test_training_flags_ignore_interpreter_port_and_run_dir():
     assert gq.training_flags(a) == gq.training_flags(b) == ["--num_gpus", "2", "--seed", "1"]
     assert gq.training_flags(one) == ["--seed", "1"]  # one rank vs two: a different run
     assert gq.training_flags(b) != gq.training_flags(b[:-1] + ["2"])  # another seed
+
+
+def _fake_run(work: Path, data: Path, method: str, seed: int, curve: list[tuple[int, float]], cut_off: bool,
+              eval_steps: int = 100) -> None:
+    """A run directory as glue_quality leaves it, without training: its meta (the command the call below builds),
+    its log (trainer JSON entries, one behind a progress bar as in a real log file) and, if it finished,
+    results.json."""
+    task = gq.TaskBudget("sst2", str(data), 64, 400)
+    budget = gq.Budget(per_device_train_batch_size=4, ranks=1, bf16=False, eval_steps=eval_steps)
+    lr = gq.LEARNING_RATES[method]
+    out = gq.run_dir(work, method, "sst2", seed, lr, "plateau")
+    out.mkdir(parents=True)
+    cmd = gq.launch_command(method, task, seed, out, budget, lr, 1)
+    (out / "glue_quality_run.json").write_text(json.dumps({"cmd": cmd, "wall_s": 50.0, "cut_off": cut_off}))
+    lines = [" ".join(cmd), "2026-11-30 17:00:00,000 meft_ds.train: world size 1 | full | trainable parameters 7 of 9"]
+    for i, (step, acc) in enumerate(curve):  # a train entry every 50 steps, 1 s apart: 0.02 s per step
+        for s in range(step - 50, step + 1, 50):
+            if s > 0:
+                lines.append(f"2026-11-30 17:00:{s // 50:02d},000 meft_ds.train: "
+                             f'{{"step": {s}, "epoch": 0.1, "train/loss": 0.5, "train/learning_rate": 0.001}}')
+        bar = "train:  50%|#####     | 2/4 [00:01<00:01]" if i == 0 else ""
+        lines.append(f"{bar}2026-11-30 17:00:{step // 50:02d},500 meft_ds.train: "
+                     f'{{"step": {step}, "eval/validation/loss": 0.4, "eval/validation/accuracy": {acc}}}')
+    if cut_off:
+        lines.append("[glue_quality] cut off: --run_time_limit 60 s passed")
+    else:
+        (out / "results.json").write_text(json.dumps({"global_step": curve[-1][0], "trainable_parameters": 7,
+                                                      "eval": {"validation": {"accuracy": curve[-1][1]}}}))
+    (work / f"{out.name}.log").write_text("\n".join(lines) + "\n")
+
+
+def test_curves_aggregated_plotted_and_cut_off_runs_marked(tmp_path):
+    """Finished and cut-off runs (fake, no training): the curves' mean and spread per step, the table marking
+    the cut-off run, no "within one point" verdict for it, and a real PNG written and read back."""
+    import matplotlib.image
+
+    data, work = write_tiny_sst2(tmp_path / "sst2", 8, 4), tmp_path / "runs"
+    _fake_run(work, data, "full", 1, [(100, 0.80), (200, 0.84), (300, 0.86), (400, 0.88)], cut_off=False)
+    _fake_run(work, data, "full", 2, [(100, 0.82), (200, 0.86), (300, 0.88), (400, 0.90)], cut_off=False)
+    _fake_run(work, data, "meft1", 1, [(100, 0.70), (200, 0.75)], cut_off=True)  # cut off at step 200
+    _fake_run(work, data, "meft1", 2, [(100, 0.72), (200, 0.79), (300, 0.85), (400, 0.89)], cut_off=False)
+    md, js = tmp_path / "docs" / "q.md", tmp_path / "docs" / "q.json"
+    argv = ["--methods", "full", "meft1", "--tasks", "sst2", "--seeds", "1", "2", "--max_steps", "400", "--ranks",
+            "1", "--no_bf16", "--per_device_train_batch_size", "4", "--eval_steps", "100", "--tag", "plateau",
+            "--data_dir", f"sst2={data}", "--work_dir", str(work), "--out_md", str(md), "--out_json", str(js),
+            "--no_train", "--no_saved_bytes"]
+    assert gq.main(argv) == 0
+    table = json.loads(js.read_text())["table"]["sst2"]
+    full, meft1 = table["full"], table["meft1"]
+    assert [p["step"] for p in full["curve"]] == [100, 200, 300, 400]
+    assert full["curve"][1]["mean"] == pytest.approx(0.85) and full["curve"][1]["std"] == pytest.approx(0.0141421356)
+    assert full["mean"] == pytest.approx(0.89) and full["cut_off"] == {}
+    assert full["seconds_per_step"][0] == pytest.approx(0.02)
+    # one seed cut off at step 200: the cell's statistics are at step 200 for both seeds, not 0.75 mixed with 0.89
+    assert meft1["cut_off"] == {"1": 200} and meft1["at_step"] == 200 and meft1["values"] == [0.75, 0.79]
+    assert meft1["mean"] == pytest.approx(0.77) and meft1["n"] == 2
+    assert [p["n"] for p in meft1["curve"]] == [2, 2, 1, 1] and meft1["curve"][1]["mean"] == pytest.approx(0.77)
+    text = md.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| meft1 | sst2"))
+    assert "77.00 +- 2.83 **at step 200 (cut off: not a plateau)**" in row and "| 1: 200 | 7 |" in row
+    cut_run = next(r for r in json.loads(js.read_text())["runs"] if r["cut_off"])
+    assert cut_run["trainable_parameters"] == 7 and cut_run["steps_done"] == 200  # read from its log
+    assert "| sst2 | meft1 | None | None |" in text  # no verdict against a cut-off run
+    assert "| 200 | 85.00 +- 1.41 | 77.00 +- 2.83 |" in text and "| 300 | 87.00 +- 1.41 | 85.00 +- 0.00 (1) |" in text
+    png = md.parent / "q_sst2_curves.png"
+    assert f"![dev accuracy vs step, sst2]({png.name})" in text
+    image = matplotlib.image.imread(png)
+    assert image.shape[:2] == (420, 700)
+    colours = {tuple(px) for px in (image[..., :3] * 255).astype(int).reshape(-1, 3)[::7].tolist()}
+    assert len(colours) > 20  # lines, bands and text drawn, not a blank canvas
+
+
+def test_run_time_limit_ends_the_whole_process_group(tmp_path):
+    """A run past --run_time_limit is cut off: it and the process it started are gone, and no failure is raised."""
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(120)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); print('started', flush=True); "
+              "time.sleep(120)")
+    wall, cut_off = gq.run_one([sys.executable, "-c", script], tmp_path / "run", tmp_path / "run.log", 1, time_limit=3)
+    assert cut_off and 3 <= wall < 60
+    assert "cut off: --run_time_limit 3 s passed" in (tmp_path / "run.log").read_text()
+    child = int(pid_file.read_text())
+    import os
+    import time
+    for _ in range(50):  # SIGTERM reached the child: it is gone (or a zombie of its ended parent, reaped by init)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{child}/stat").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the run's child process {child} outlived the time limit")
+    # a run that ends within its limit is not cut off; one that fails is an error, as before
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "results.json").write_text("{}")
+    assert gq.run_one([sys.executable, "-c", "pass"], tmp_path / "ok", tmp_path / "ok.log", 1, 30)[1] is False
+    with pytest.raises(RuntimeError, match="run failed"):
+        gq.run_one([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad", tmp_path / "bad.log", 1, 30)
+
+
+def test_selection_split_held_out_of_the_whole_training_file(tmp_path):
+    """--plateau trains on the full SST-2 train: the selection split is held out of it, not drawn beside it."""
+    data = write_tiny_sst2(tmp_path / "sst2", train_lines=60, dev_lines=2)
+    out = gq.selection_split(data, data / "train.tsv", tmp_path / "select", size=20)
+    train = (out / "train.tsv").read_text().splitlines()
+    select = (out / "dev.tsv").read_text().splitlines()
+    sentences = lambda lines: {line.split("\t")[0] for line in lines[1:]}  # noqa: E731
+    assert train[0] == select[0] and len(select) == 21
+    assert not sentences(train) & sentences(select)
+    assert sentences(train) | sentences(select) == sentences((data / "train.tsv").read_text().splitlines())
