@@ -47,7 +47,7 @@ import torch
 
 from .adapter_io import ModelRecipe, apply_method
 from .config import MEFTConfig
-from .coupling import ExactCoupling
+from .coupling import DECODE_CHUNK, ExactCoupling
 from .memory import format_bytes
 from .models import REGISTRY, default_num_frozen_layers
 
@@ -194,8 +194,8 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       output, the two gradients autograd hands the Function) + 13 compute-dtype ones (q, k, v, output,
       their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
       the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones; stream arithmetic (quantise, split):
-      3 more int64 states, 5 stream-dtype values, 2 float64 temporaries and one compute-dtype output (counted
-      before quantise stopped using float64 temporaries: an upper bound now; this phase was never the peak).
+      3 more int64 states, 5 stream-dtype values, decode's float64 temporary (DECODE_CHUNK elements at
+      most) and one compute-dtype output; this phase is the peak in bf16 at wide shapes.
     - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
       2 FFN-sized tensors).
     - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one
@@ -216,7 +216,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         saved = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
         working = max(6 * s * h + 13 * c * h + c * mask,
                       6 * s * h + 3 * c * h + 3 * c * f,
-                      3 * INT64 * h + 5 * s * h + 2 * FLOAT64 * h + c * h)
+                      3 * INT64 * h + 5 * s * h + FLOAT64 * min(h, DECODE_CHUNK) + c * h)
     elif method == "lora_gc":
         saved = trained_layers * c * h + mask
         working = 12 * c * h + 2 * c * f + c * mask

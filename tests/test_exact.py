@@ -196,6 +196,24 @@ def test_quantise_in_the_input_format_gives_the_float64_integers(dtype, frac_bit
         assert (poison := coupling.quantise(outside)[1]).isnan().item() != expected_ok, (bad, poison)
 
 
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("state_dtype", [torch.int64, torch.int32])
+def test_decode_by_chunks_gives_the_one_pass_float64_values(value_dtype, state_dtype):
+    """decode works by chunks of DECODE_CHUNK elements (a bounded float64 temporary): bit for bit the values of
+    one float64 pass over the whole state, for a state spanning several chunks and a ragged last one,
+    non-contiguous too."""
+    from meft_ds.coupling import DECODE_CHUNK, ExactCoupling
+
+    coupling = ExactCoupling(value_dtype, 16 if state_dtype == torch.int32 else 32, state_dtype)
+    high = 2 ** 29 if state_dtype == torch.int32 else 2 ** 61
+    state = torch.randint(-high, high, (3, DECODE_CHUNK // 2 + 7), dtype=torch.int64).to(state_dtype)
+    for s in (state, state.t()):
+        expected = (s.double() / coupling.scale).to(value_dtype)
+        decoded = coupling.decode(s)
+        assert decoded.dtype == value_dtype and decoded.shape == s.shape
+        assert torch.equal(decoded, expected)
+
+
 @pytest.mark.parametrize("lam", [0.125, 0.1])
 def test_exact_reconstruction_with_lam_one_eighth(monkeypatch, lam):
     """lam = 1/8 (3-bit remainders, division a shift) reconstructs bit-exactly, like the default 0.1."""
