@@ -195,7 +195,8 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
       the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones; stream arithmetic (quantise, split):
       3 more int64 states, 5 stream-dtype values, decode's float64 temporary (DECODE_CHUNK elements at
-      most) and one compute-dtype output; this phase is the peak in bf16 at wide shapes.
+      most) and one compute-dtype output (before decode was chunked, this phase was the peak in bf16 at OPT-1.3B
+      widths).
     - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
       2 FFN-sized tensors).
     - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one

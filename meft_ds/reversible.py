@@ -265,7 +265,6 @@ class _ExactBookkeeping(_Bookkeeping):
         return self._remainders[2 * i], self._remainders[2 * i + 1]
 
     def check(self, i, x1, x2, seeds):
-        self._remainders[2 * i] = self._remainders[2 * i + 1] = None  # used: free them as backward goes down
         if not self.verifies or torch.equal(self._checksum(x1, x2, seeds), self._checksums[i]):
             return
         first = [self.coupling.value_of(x)[(0,) * x.state.dim()] for x in (x1, x2)]
@@ -300,7 +299,6 @@ class _ReconstructionProbe(_Bookkeeping):
 
     def check(self, i, x1, x2, seeds):
         kept = self._kept[i]
-        self._kept[i] = None
         rebuilt = torch.stack([self.coupling.value_of(x1), self.coupling.value_of(x2)]).double()
         error = (rebuilt - kept).norm() / kept.double().norm().clamp_min(1e-30)
         self._worst = error if self._worst is None else torch.maximum(self._worst, error)
