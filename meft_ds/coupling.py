@@ -45,7 +45,11 @@ def _remainder_bits(m: int) -> int:
 
 
 def pack_remainders(remainders: torch.Tensor, m: int) -> torch.Tensor:
-    """x mod m (values in [0, m), m <= 128) as ceil(log2 m)-bit fields: every 8 elements fill `bits` bytes."""
+    """x mod m (values in [0, m), m <= 128) as ceil(log2 m)-bit fields: every 8 elements fill `bits` bytes.
+
+    Packing a run of elements that starts at a multiple of 8 gives the bytes of the whole tensor's packing
+    from (start / 8) * bits on, so a tensor can be packed (and unpacked) by chunks.
+    """
     bits = _remainder_bits(m)
     flat = remainders.reshape(-1)
     pad = (-flat.numel()) % 8
@@ -65,6 +69,12 @@ def unpack_remainders(packed: torch.Tensor, m: int, like: torch.Tensor) -> torch
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
     values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return values.reshape(-1)[: like.numel()].view(like.shape)
+
+
+def _chunks(count: int):
+    """(start, slice) over `count` elements, CHUNK at a time (a multiple of 8: packed chunks align on bytes)."""
+    for start in range(0, count, CHUNK):
+        yield start, slice(start, start + CHUNK)
 
 
 class FloatCoupling:
@@ -144,27 +154,29 @@ class ExactCoupling:
 
     def quantise(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed-point values and a 0-dim poison flag (NaN if any value is non-finite or out of range, else 0)."""
+        state, ok = self._quantised(values.detach())
+        return state, _nan_unless(ok)
+
+    def _quantised(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed-point `values` and a 0-dim bool: every value finite and within the quantised range."""
         # Scaling by 2^frac_bits is exact in any binary float format (an overflow becomes inf, which the range
         # check catches), and rounding to an integer is exact in the value's own format, so fp32, bf16 and
         # fp64 give the integers a float64 detour would, with one temporary of the input's size instead of
         # three float64 ones. fp16 is widened first: its range (65504) overflows at any useful frac_bits.
-        values = values.detach()
         scaled = (values.float() if values.dtype == torch.float16 else values) * self.scale
         ok = _within(scaled, self.quantised_limit)  # on the scaled copy: no extra read of `values`
-        return scaled.round_().to(self.state_dtype), _nan_unless(ok)
+        return scaled.round_().to(self.state_dtype), ok
 
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         """state / 2^frac_bits in the value dtype, rounded once (through float64, exact for |state| < 2^53).
 
-        By chunks of DECODE_CHUNK elements: the float64 temporaries of a whole stream (two of 8 bytes per element)
-        were the largest part of the reversible step's peak in bf16 runs; per chunk they are 4 MiB at most. The
-        same operations per element, so the same values.
+        By chunks (CHUNK elements) with the division in place: one float64 temporary of 2 MiB at most instead of
+        two of the stream's size. The same operations per element, so the same values.
         """
         out = torch.empty(state.shape, dtype=self.value_dtype, device=state.device)
         flat_state, flat_out = state.reshape(-1), out.view(-1)
-        for start in range(0, flat_state.numel(), DECODE_CHUNK):
-            part = flat_state[start: start + DECODE_CHUNK]
-            flat_out[start: start + DECODE_CHUNK] = part.double().div_(self.scale)
+        for _, part in _chunks(flat_state.numel()):
+            flat_out[part] = flat_state[part].double().div_(self.scale)
         return out
 
     def _stream(self, state: torch.Tensor, carrier: torch.Tensor | None, poison: torch.Tensor) -> Stream:
@@ -178,53 +190,80 @@ class ExactCoupling:
     def encode(self, hidden: torch.Tensor) -> Stream:
         hidden = hidden.to(self.value_dtype)
         state, poison = self.quantise(hidden)
-        return self._stream(state, hidden, poison)
+        return self._stream(state.contiguous(), hidden, poison)  # contiguous: combine and split work on views
+
+    @staticmethod
+    def remainder_storage(elements: int, m: int, device) -> torch.Tensor:
+        """The uninitialised tensor that keeps `elements` remainders x mod m (m > 1): bit-packed bytes for
+        m <= 128, one uint8 per element for m <= 256, else int32. Its nbytes is what a layer keeps per stream."""
+        if m <= 128:
+            return torch.empty(-(-elements // 8) * _remainder_bits(m), dtype=torch.uint8, device=device)
+        return torch.empty(elements, dtype=torch.uint8 if m <= 256 else torch.int32, device=device)
 
     def combine(self, x: Stream, block_out: torch.Tensor, factor: float):
+        """y = floor(x / m) + q(block_out), and x mod m kept (m = 1/factor > 1).
+
+        The integer work goes by chunks of CHUNK elements, adding into the new state in place: besides the
+        states, no temporary of a whole stream (the int64 ones were the peak of bf16 runs at wide shapes).
+        """
         m = self.divisor(factor)
-        quantised, poison = self.quantise(block_out)
+        x_state = x.state.contiguous()
+        if m == 1:
+            state = x_state.clone()
+        elif m & (m - 1) == 0:  # a power of two: floor division is an arithmetic shift
+            state = x_state >> (m.bit_length() - 1)
+        else:
+            state = torch.div(x_state, m, rounding_mode="floor")
+        flat, flat_x, values = state.view(-1), x_state.view(-1), block_out.detach().reshape(-1)
+        remainders = None if m == 1 else self.remainder_storage(flat.numel(), m, flat.device)
+        ok = torch.ones((), dtype=torch.bool, device=flat.device)
+        for start, part in _chunks(flat.numel()):
+            quantised, within = self._quantised(values[part])
+            flat[part].add_(quantised)
+            ok = ok & within
+            del quantised
+            if m > 1:
+                kept = flat_x[part] & (m - 1) if m & (m - 1) == 0 else torch.remainder(flat_x[part], m)
+                if m <= 128:
+                    packed = pack_remainders(kept, m)
+                    remainders[start // 8 * _remainder_bits(m):][: packed.numel()] = packed
+                else:
+                    remainders[part] = kept
+        poison = _nan_unless(ok)
+        if m == 1:
+            poison = poison + _nan_unless(_within(state, self.state_limit))  # a factor-1 sum can grow past the range
         # A poisoned input stream stays poisoned (its value is all NaN, so one element tells): F or G may
         # not read it, and its integer state alone carries no flag.
         poison = poison + 0.0 * x.value.detach()[(0,) * x.value.dim()]
-        if m == 1:
-            state, remainders = x.state + quantised, None
-            poison = poison + _nan_unless(_within(state, self.state_limit))  # a factor-1 sum can grow past the range
-        elif m & (m - 1) == 0:  # a power of two: floor division is an arithmetic shift
-            shift = m.bit_length() - 1
-            state = (x.state >> shift) + quantised
-            remainders = self._store_remainders(x.state & (m - 1), m)
-        else:
-            state = torch.div(x.state, m, rounding_mode="floor") + quantised
-            remainders = self._store_remainders(torch.remainder(x.state, m), m)
         carrier = factor * x.value + block_out if torch.is_grad_enabled() else None
         return self._stream(state, carrier, poison), remainders
 
-    @staticmethod
-    def _store_remainders(remainders: torch.Tensor, m: int) -> torch.Tensor:
-        if m <= 128:
-            return pack_remainders(remainders, m)
-        return remainders.to(torch.uint8 if m <= 256 else torch.int32)
-
-    @staticmethod
-    def _load_remainders(remainders: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
-        if m <= 128:
-            return unpack_remainders(remainders, m, like)
-        return remainders.to(torch.int64)
-
     def split(self, y: Stream, block_out: torch.Tensor, factor: float, remainders) -> Stream:
-        """Consumes y: x's state is computed in place in y's state (one int64 stream less alive in backward).
+        """Consumes y: x = m * (y - q(block_out)) + (x mod m) is computed in place in y's state (one int64 stream
+        less alive in backward), by chunks of CHUNK elements (no temporary of a whole stream).
 
         The value is left undecoded (value_of decodes it when a block needs it).
         """
         m = self.divisor(factor)
-        quantised, poison = self.quantise(block_out)
-        state = y.state.sub_(quantised)
-        del quantised
-        if m != 1:
-            state.mul_(m).add_(self._load_remainders(remainders, m, state))
+        state = y.state
+        flat, values = state.view(-1), block_out.detach().reshape(-1)
+        ok = torch.ones((), dtype=torch.bool, device=flat.device)
+        for start, part in _chunks(flat.numel()):
+            quantised, within = self._quantised(values[part])
+            chunk = flat[part].sub_(quantised)
+            ok = ok & within
+            del quantised
+            if m > 1:
+                if m <= 128:
+                    bits = _remainder_bits(m)
+                    packed = remainders[start // 8 * bits:][: -(-chunk.numel() // 8) * bits]
+                    kept = unpack_remainders(packed, m, chunk)
+                else:
+                    kept = remainders[part]
+                chunk.mul_(m).add_(kept)
         # Poisoned when the recomputed block output was not finite or out of range (the forward's was not, or
         # backward would not check): the checksum then fails, and the error can say why (value_of).
-        return Stream(None, state, poison)
+        return Stream(None, state, _nan_unless(ok))
 
     def value_of(self, stream: Stream) -> torch.Tensor:
         if stream.value is not None:
@@ -251,17 +290,22 @@ class ExactCoupling:
         (about 2^-64 per word). Cost: one multiply and one sum over the state, plus row-sized work.
         """
         flat = stream.state.reshape(-1)
-        rows, tail = divmod(flat.numel(), CHECKSUM_ROW)
         a = _odd_words(key, CHECKSUM_ROW, flat.device)
-        row_sums = (flat[: rows * CHECKSUM_ROW].view(rows, CHECKSUM_ROW) * a).sum(dim=1)
-        if tail:
-            row_sums = torch.cat([row_sums, (flat[rows * CHECKSUM_ROW:] * a[:tail]).sum().view(1)])
+        sums = []  # by chunks of whole rows (CHUNK is a multiple of CHECKSUM_ROW): no int64 product of the state
+        for _, part in _chunks(flat.numel()):
+            chunk = flat[part]
+            rows, tail = divmod(chunk.numel(), CHECKSUM_ROW)
+            sums.append((chunk[: rows * CHECKSUM_ROW].view(rows, CHECKSUM_ROW) * a).sum(dim=1))
+            if tail:
+                sums.append((chunk[rows * CHECKSUM_ROW:] * a[:tail]).sum().view(1))
+        row_sums = torch.cat(sums)
         b = _odd_words(key + 1, 2 * row_sums.numel(), flat.device).view(2, -1)
         return (b * row_sums).sum(dim=1)
 
 
-# Elements decoded at a time (ExactCoupling.decode): 2^18 float64 = 2 MiB per temporary.
-DECODE_CHUNK = 2 ** 18
+# Elements the exact arithmetic works on at a time (decode, combine, split, checksum): a float64 or int64
+# temporary of a chunk is 2 MiB. A multiple of 8 (remainder packing) and of CHECKSUM_ROW.
+CHUNK = 2 ** 18
 # Row length of the checksum's weight table (coupling.ExactCoupling.checksum).
 CHECKSUM_ROW = 1024
 _GOLDEN, _MIX1, _MIX2 = (c - 2 ** 64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))

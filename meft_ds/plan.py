@@ -47,7 +47,7 @@ import torch
 
 from .adapter_io import ModelRecipe, apply_method
 from .config import MEFTConfig
-from .coupling import DECODE_CHUNK, ExactCoupling
+from .coupling import CHUNK, ExactCoupling
 from .memory import format_bytes
 from .models import REGISTRY, default_num_frozen_layers
 
@@ -168,14 +168,13 @@ def model_states(params, stage: int, offload: bool, world: int, weight_bytes: in
 
 
 def remainder_bytes(elements: int, config: MEFTConfig) -> int:
-    """Bytes one reversible layer keeps for its divided streams, as coupling.py stores them: its own storing
-    function run on a meta tensor (no memory), so the packing is the real one. coupling.py has no public size
-    query; this reaches for its storing function rather than restating its packing rule here."""
+    """Bytes one reversible layer keeps for its divided streams: coupling.py's own storage for them, allocated on
+    the meta device (no memory), so the packing rule is not restated here."""
     total = 0
     for factor in (config.lam, config.beta):
         m = ExactCoupling.divisor(factor)
         if m > 1:
-            total += ExactCoupling._store_remainders(torch.empty(elements, dtype=torch.int64, device="meta"), m).nbytes
+            total += ExactCoupling.remainder_storage(elements, m, "meta").nbytes
     return total
 
 
@@ -193,10 +192,10 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       attention recompute + backward: 6 stream-dtype tensors (F's input, dy1 + dG/dy1, beta*dy2, F's
       output, the two gradients autograd hands the Function) + 13 compute-dtype ones (q, k, v, output,
       their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
-      the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones; stream arithmetic (quantise, split):
-      3 more int64 states, 5 stream-dtype values, decode's float64 temporary (DECODE_CHUNK elements at
-      most) and one compute-dtype output (before decode was chunked, this phase was the peak in bf16 at OPT-1.3B
-      widths).
+      the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones; stream arithmetic (quantise, split,
+      decode): 5 stream-dtype values, one compute-dtype output and the integer and float64 temporaries, which
+      coupling.py bounds to CHUNK elements (before they were chunked, this phase was the peak in bf16 at
+      OPT-1.3B widths; now the FFN phase is).
     - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
       2 FFN-sized tensors).
     - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one
@@ -217,7 +216,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         saved = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
         working = max(6 * s * h + 13 * c * h + c * mask,
                       6 * s * h + 3 * c * h + 3 * c * f,
-                      3 * INT64 * h + 5 * s * h + FLOAT64 * min(h, DECODE_CHUNK) + c * h)
+                      5 * s * h + c * h + (FLOAT64 + 3 * INT64) * min(h, CHUNK))
     elif method == "lora_gc":
         saved = trained_layers * c * h + mask
         working = 12 * c * h + 2 * c * f + c * mask

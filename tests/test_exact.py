@@ -199,19 +199,59 @@ def test_quantise_in_the_input_format_gives_the_float64_integers(dtype, frac_bit
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("state_dtype", [torch.int64, torch.int32])
 def test_decode_by_chunks_gives_the_one_pass_float64_values(value_dtype, state_dtype):
-    """decode works by chunks of DECODE_CHUNK elements (a bounded float64 temporary): bit for bit the values of
+    """decode works by chunks of CHUNK elements (a bounded float64 temporary): bit for bit the values of
     one float64 pass over the whole state, for a state spanning several chunks and a ragged last one,
     non-contiguous too."""
-    from meft_ds.coupling import DECODE_CHUNK, ExactCoupling
+    from meft_ds.coupling import CHUNK, ExactCoupling
 
     coupling = ExactCoupling(value_dtype, 16 if state_dtype == torch.int32 else 32, state_dtype)
     high = 2 ** 29 if state_dtype == torch.int32 else 2 ** 61
-    state = torch.randint(-high, high, (3, DECODE_CHUNK // 2 + 7), dtype=torch.int64).to(state_dtype)
+    state = torch.randint(-high, high, (3, CHUNK // 2 + 7), dtype=torch.int64).to(state_dtype)
     for s in (state, state.t()):
         expected = (s.double() / coupling.scale).to(value_dtype)
         decoded = coupling.decode(s)
         assert decoded.dtype == value_dtype and decoded.shape == s.shape
         assert torch.equal(decoded, expected)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 10, 16, 200, 1000])
+@pytest.mark.parametrize("state_dtype", [torch.int64, torch.int32])
+def test_combine_and_split_by_chunks_give_the_one_pass_integers(m, state_dtype):
+    """combine and split work CHUNK elements at a time, in place: the new state is floor(x / m) + q(b) of one
+    pass over the whole stream, the kept remainders are x mod m (bit-packed, uint8 or int32 by m), the checksum
+    equals the one-pass weighted sum, and split gives x back bit for bit; over several chunks and a ragged last
+    one (not a multiple of 8), with and without an out-of-range block output."""
+    from meft_ds.coupling import CHECKSUM_ROW, CHUNK, ExactCoupling, Stream, _odd_words, unpack_remainders
+
+    frac_bits = 16 if state_dtype == torch.int32 else 32
+    coupling = ExactCoupling(torch.float32, frac_bits, state_dtype)
+    shape = (3, CHUNK // 2 + 5)  # 1.5 chunks and 15 elements
+    high = 2 ** 28 if state_dtype == torch.int32 else 2 ** 58
+    x_state = torch.randint(-high, high, shape, dtype=torch.int64).to(state_dtype)
+    x = Stream(coupling.decode(x_state), x_state)
+    block_out = torch.randn(shape) * 50
+    y, remainders = coupling.combine(x, block_out, 1.0 / m)
+    q = torch.round(block_out.double() * coupling.scale).long()
+    expected = torch.div(x_state.long(), m, rounding_mode="floor") + q
+    assert y.state.dtype == state_dtype and torch.equal(y.state.long(), expected) and not y.value.isnan().any()
+    if m == 1:
+        assert remainders is None
+    else:
+        kept = unpack_remainders(remainders, m, x_state) if m <= 128 else remainders
+        assert kept.dtype == (torch.int64 if m <= 128 else torch.uint8 if m <= 256 else torch.int32)
+        assert torch.equal(kept.long().view(shape), torch.remainder(x_state.long(), m))
+        assert remainders.nbytes == ExactCoupling.remainder_storage(x_state.numel(), m, "meta").nbytes
+    flat = y.state.reshape(-1).long()
+    weights = _odd_words(7, CHECKSUM_ROW, "cpu").repeat(-(-flat.numel() // CHECKSUM_ROW))[: flat.numel()]
+    row_sums = torch.stack([part.sum() for part in (flat * weights).split(CHECKSUM_ROW)])
+    expected_checksum = (_odd_words(8, 2 * row_sums.numel(), "cpu").view(2, -1) * row_sums).sum(dim=1)
+    assert torch.equal(coupling.checksum(y, 7), expected_checksum)
+    rebuilt = coupling.split(Stream(None, y.state.clone()), block_out, 1.0 / m, remainders)
+    assert torch.equal(rebuilt.state, x_state) and rebuilt.poison.item() == 0.0
+    outside = block_out.clone()
+    outside.view(-1)[-1] = float("inf")  # in the last chunk: the flag must survive the chunks before it
+    assert coupling.combine(x, outside, 1.0 / m)[0].value.isnan().all()
+    assert coupling.split(Stream(None, y.state.clone()), outside, 1.0 / m, remainders).poison.isnan()
 
 
 @pytest.mark.parametrize("lam", [0.125, 0.1])
