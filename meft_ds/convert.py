@@ -70,8 +70,9 @@ def _convert_layer(layer: nn.Module, config: MEFTConfig, model_config, family: F
                      config.lam, config.beta, switched)
 
 
-def _coupling(config: MEFTConfig):
-    value_dtype = config.torch_stream_dtype_for(torch.float32)  # until the first forward sees the model's dtype
+def _coupling(config: MEFTConfig, compute_dtype: torch.dtype):
+    """The stream arithmetic for layers that compute in `compute_dtype` (MEFTStack.coupling_for)."""
+    value_dtype = config.torch_stream_dtype_for(compute_dtype)
     if config.stream_arithmetic == "exact":
         return ExactCoupling(value_dtype, config.frac_bits, config.torch_state_dtype)
     return FloatCoupling(value_dtype)
@@ -127,7 +128,7 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
                                  else config.num_reversible_layers)
         stack = MEFTStack(
             frozen, meft_layers, num_reversible_layers, main_stream=_VARIANTS[config.variant][3],
-            coupling=_coupling(config), stream_dtype_for=config.torch_stream_dtype_for, backward=config.backward,
+            make_coupling=functools.partial(_coupling, config), backward=config.backward,
             prepare_inputs=family.input_binder(layers[0]), run_frozen=family.run_frozen,
         )
         weight = next(layers[0].parameters())

@@ -84,7 +84,7 @@ class MEFTLayer(nn.Module):
     stand-alone adapter of MEFT1/2; F and G are callables over them supplied by the model family.
     Streams (see coupling.py) carry float values in the stream dtype; F and G run in `compute_dtype`
     (the dtype of the model's own hidden states, e.g. bf16 under DeepSpeed) and are upcast before
-    coupling. `coupling` is the stream arithmetic, set by the stack.
+    coupling. The stack passes the stream arithmetic (`coupling`, coupling.py) to forward and backward_step.
     """
 
     def __init__(self, layer: nn.Module, adapter: nn.Module | None, f: BlockFn, g: BlockFn,
@@ -94,7 +94,6 @@ class MEFTLayer(nn.Module):
         self.adapter = adapter
         self.f, self.g = f, g
         self.lam, self.beta, self.switched = lam, beta, switched
-        self.coupling = None
         # Set by the stack for the exact arithmetic (MEFTStack.first_nonfinite_layer); a 4-element tensor.
         self.record_nonfinite, self.nonfinite_flags = False, None
 
@@ -104,12 +103,11 @@ class MEFTLayer(nn.Module):
             out = block(self, value.to(compute_dtype), inputs)
         return out.to(value.dtype)
 
-    def forward(self, x1: Stream, x2: Stream, inputs, seeds, compute_dtype):
-        """Equations (1), (2); returns the streams as the next layer receives them, and the kept remainders."""
-        y1, side1 = self.coupling.combine(x1, self.run_block(self.f, x2.value, inputs, seeds[0], compute_dtype),
-                                          self.lam)
-        y2, side2 = self.coupling.combine(x2, self.run_block(self.g, y1.value, inputs, seeds[1], compute_dtype),
-                                          self.beta)
+    def forward(self, x1: Stream, x2: Stream, inputs, seeds, compute_dtype, coupling):
+        """Equations (1), (2) in `coupling`'s arithmetic; returns the streams as the next layer receives them, and
+        the kept remainders."""
+        y1, side1 = coupling.combine(x1, self.run_block(self.f, x2.value, inputs, seeds[0], compute_dtype), self.lam)
+        y2, side2 = coupling.combine(x2, self.run_block(self.g, y1.value, inputs, seeds[1], compute_dtype), self.beta)
         if self.record_nonfinite:
             # Exact arithmetic: a failed range check made the whole stream NaN, so one element of each stream
             # says whether it was poisoned (inputs: 0, 1; outputs: 2, 3). Summed over the step's forwards.
@@ -149,7 +147,7 @@ class MEFTLayer(nn.Module):
             torch.autograd.backward(first(self, leaf.to(compute_dtype), inputs), middle_grad)
         return out.detach(), leaf.grad
 
-    def backward_step(self, carry: list, remainders, inputs, seeds, compute_dtype):
+    def backward_step(self, carry: list, remainders, inputs, seeds, compute_dtype, coupling):
         """Rebuild this layer's input from its output and propagate gradients, eqs. (3)-(7).
 
         `carry` = [out1, out2, dout1, dout2] (the output streams and their gradients) is consumed: it is
@@ -159,7 +157,6 @@ class MEFTLayer(nn.Module):
         Parameter gradients are produced with torch.autograd.backward so that they arrive through
         the same accumulation hooks DeepSpeed/DDP use (docs/method.md, ZeRO rule 2).
         """
-        coupling = self.coupling
         out1, out2, dout1, dout2 = carry
         carry.clear()
         y1, y2, dy1, dy2 = (out2, out1, dout2, dout1) if self.switched else (out1, out2, dout1, dout2)
@@ -363,7 +360,7 @@ class ReversibleFunction(torch.autograd.Function):
         for layer, seeds in zip(run.layers, run.seeds):
             for book in run.bookkeeping:
                 book.before_layer(x1, x2, seeds)
-            (x1, x2), remainders = layer(x1, x2, inputs, seeds, run.compute_dtype)
+            (x1, x2), remainders = layer(x1, x2, inputs, seeds, run.compute_dtype, coupling)
             run.ledger.after_layer(remainders)
         ctx.run = run
         # The integer states get no gradient: without this, autograd would allocate int64 zeros for them.
@@ -405,7 +402,8 @@ class ReversibleFunction(torch.autograd.Function):
                     "aborted: zero the gradients and do not step the optimizer.")
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
-                carry = list(layer.backward_step(carry, run.ledger.remainders(i), inputs, seeds, run.compute_dtype))
+                carry = list(layer.backward_step(carry, run.ledger.remainders(i), inputs, seeds, run.compute_dtype,
+                                                 coupling))
                 if run.after_layer_backward is not None:
                     run.after_layer_backward(layer)
                 for book in run.bookkeeping:
@@ -453,18 +451,17 @@ class MEFTStack(nn.Module):
     """
 
     def __init__(self, frozen_layers, meft_layers, num_reversible_layers: int, main_stream: int,
-                 coupling, stream_dtype_for, backward: str, prepare_inputs, run_frozen):
+                 make_coupling, backward: str, prepare_inputs, run_frozen):
         super().__init__()
         self.frozen_layers = nn.ModuleList(frozen_layers)
         self.meft_layers = nn.ModuleList(meft_layers)
         self.num_reversible_layers = num_reversible_layers
         self.main_stream = main_stream
-        self.coupling = coupling
-        # compute dtype -> the streams' value dtype (MEFTConfig.torch_stream_dtype_for), applied at every forward.
-        self.stream_dtype_for = stream_dtype_for
+        # compute dtype -> the stream arithmetic for it (its value dtype: MEFTConfig.torch_stream_dtype_for). One
+        # object per compute dtype, never changed: a forward and its backward use the same one whatever runs between.
+        self.make_coupling, self._couplings = make_coupling, {}
         for layer in self.meft_layers:
-            layer.coupling = coupling
-            layer.record_nonfinite = isinstance(coupling, ExactCoupling)
+            layer.record_nonfinite = isinstance(self.coupling_for(torch.float32), ExactCoupling)
         self.backward = backward
         # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor refuses.
         self.mix = nn.Parameter(torch.zeros(1))
@@ -513,9 +510,11 @@ class MEFTStack(nn.Module):
         for layer in self.meft_layers:
             layer.nonfinite_flags = None
 
-    @property
-    def stream_dtype(self) -> torch.dtype:
-        return self.coupling.value_dtype
+    def coupling_for(self, compute_dtype: torch.dtype):
+        """The stream arithmetic of a forward whose layers compute in `compute_dtype`."""
+        if compute_dtype not in self._couplings:
+            self._couplings[compute_dtype] = self.make_coupling(compute_dtype)
+        return self._couplings[compute_dtype]
 
     def forward(self, hidden_states, *args, **kwargs):
         differentiable = self.training and torch.is_grad_enabled()
@@ -526,10 +525,9 @@ class MEFTStack(nn.Module):
                 for layer in self.frozen_layers:
                     h = self.run_frozen(layer, h, inputs)
         compute_dtype = h.dtype
-        # The coupling's value dtype follows the model's (bf16 weights: bf16 values for stream_dtype="auto"); every
-        # layer shares this coupling.
-        self.coupling.value_dtype = self.stream_dtype_for(compute_dtype)
-        h = h.to(self.stream_dtype)
+        # The streams' value dtype follows the model's (bf16 weights: bf16 values for stream_dtype="auto").
+        coupling = self.coupling_for(compute_dtype)
+        h = h.to(coupling.value_dtype)
         if self.training:
             base = int(torch.randint(0, 2**62, ()).item())
             seeds = [(base + 2 * i, base + 2 * i + 1) for i in range(len(self.meft_layers))]
@@ -543,7 +541,7 @@ class MEFTStack(nn.Module):
                 h = h.detach().requires_grad_(True)
             split = _Inputs(inputs)
             run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,
-                            self.coupling, first_index=len(self.frozen_layers),
+                            coupling, first_index=len(self.frozen_layers),
                             report=self._reconstruction.record if self._reconstruction is not None else None,
                             after_layer_backward=self.after_layer_backward)
             outputs = ReversibleFunction.apply(run, h, h, *split.tensors)
@@ -551,15 +549,15 @@ class MEFTStack(nn.Module):
             x1, x2 = Stream(outputs[0], states[0]), Stream(outputs[1], states[1])
             rest = zip(self.meft_layers[len(reversible):], seeds[len(reversible):])
         else:
-            x1 = x2 = self.coupling.encode(h)
+            x1 = x2 = coupling.encode(h)
             rest = zip(self.meft_layers, seeds)
         for layer, layer_seeds in rest:
             if differentiable and self.checkpoint_cached:
                 # Non-reentrant: it needs no input that requires grad (the stack input may not) and keeps
                 # only the layer's inputs; dropout repeats from the layer's seeds.
                 (x1, x2), _ = torch.utils.checkpoint.checkpoint(layer, x1, x2, inputs, layer_seeds, compute_dtype,
-                                                                use_reentrant=False)
+                                                                coupling, use_reentrant=False)
             else:
-                (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype)
+                (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype, coupling)
         main, other = (x1.value, x2.value) if self.main_stream == 0 else (x2.value, x1.value)
         return (main + self.mix.to(main.dtype) * other).to(hidden_states.dtype)

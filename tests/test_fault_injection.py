@@ -75,7 +75,7 @@ def inject(monkeypatch, stack: MEFTStack, fault: str) -> None:
         target.g = faulty_g
     elif fault in STATE_FAULTS:
         # backward splits top-down, two per layer (G's stream first): call 2 * (layers above) is this layer's.
-        coupling, calls = stack.coupling, []
+        coupling, calls = stack.coupling_for(stack.mix.dtype), []  # mix has the weights' (the compute) dtype
         original_split = coupling.split
         split_index = 2 * (NUM_LAYERS - 1 - TARGET_LAYER)
 
