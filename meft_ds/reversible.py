@@ -463,7 +463,8 @@ class MEFTStack(nn.Module):
         for layer in self.meft_layers:
             layer.record_nonfinite = isinstance(self.coupling_for(torch.float32), ExactCoupling)
         self.backward = backward
-        # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor refuses.
+        # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor
+        # refuses.
         self.mix = nn.Parameter(torch.zeros(1))
         self.prepare_inputs, self.run_frozen = prepare_inputs, run_frozen
         self._reconstruction: ReconstructionMeasurement | None = None  # see measuring_reconstruction
@@ -536,8 +537,8 @@ class MEFTStack(nn.Module):
         reversible = self.meft_layers[: self.num_reversible_layers]
         if differentiable and self.backward == "reversible" and len(reversible) > 0:
             if not h.requires_grad:
-                # Nothing below needs grad (frozen embeddings / frozen layers); the Function must still
-                # run its backward, so its input requires grad instead of a dummy parameter (docs/method.md, ZeRO rule 3).
+                # Nothing below needs grad (frozen embeddings / frozen layers); the Function must still run its
+                # backward, so its input requires grad instead of a dummy parameter (docs/method.md, ZeRO rule 3).
                 h = h.detach().requires_grad_(True)
             split = _Inputs(inputs)
             run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,
