@@ -71,10 +71,19 @@ def unpack_remainders(packed: torch.Tensor, m: int, like: torch.Tensor) -> torch
     return values.reshape(-1)[: like.numel()].view(like.shape)
 
 
+def chunk_size(count: int) -> int:
+    """Elements the exact arithmetic works on at a time in a stream of `count` elements: the smallest multiple of
+    CHUNK that needs at most MAX_CHUNKS passes. Its int64 and float64 temporaries are then 2 MiB for streams of up
+    to 2^21 elements and an eighth of the stream's elements beyond (a sixteenth of its int64 state), while an
+    operation never takes more than MAX_CHUNKS passes (kernel launches on a GPU)."""
+    return CHUNK * max(1, -(-count // (CHUNK * MAX_CHUNKS)))
+
+
 def _chunks(count: int):
-    """(start, slice) over `count` elements, CHUNK at a time (a multiple of 8: packed chunks align on bytes)."""
-    for start in range(0, count, CHUNK):
-        yield start, slice(start, start + CHUNK)
+    """(start, slice) over `count` elements, chunk_size(count) at a time."""
+    size = chunk_size(count)
+    for start in range(0, count, size):
+        yield start, slice(start, start + size)
 
 
 class FloatCoupling:
@@ -170,8 +179,8 @@ class ExactCoupling:
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         """state / 2^frac_bits in the value dtype, rounded once (through float64, exact for |state| < 2^53).
 
-        By chunks (CHUNK elements) with the division in place: one float64 temporary of 2 MiB at most instead of
-        two of the stream's size. The same operations per element, so the same values.
+        By chunks (chunk_size) with the division in place: one bounded float64 temporary instead of two of the
+        stream's size. The same operations per element, so the same values.
         """
         out = torch.empty(state.shape, dtype=self.value_dtype, device=state.device)
         flat_state, flat_out = state.reshape(-1), out.view(-1)
@@ -203,7 +212,7 @@ class ExactCoupling:
     def combine(self, x: Stream, block_out: torch.Tensor, factor: float):
         """y = floor(x / m) + q(block_out), and x mod m kept (m = 1/factor > 1).
 
-        The integer work goes by chunks of CHUNK elements, adding into the new state in place: besides the
+        The integer work goes by chunks (chunk_size), adding into the new state in place: besides the
         states, no temporary of a whole stream (the int64 ones were the peak of bf16 runs at wide shapes).
         """
         m = self.divisor(factor)
@@ -240,7 +249,7 @@ class ExactCoupling:
 
     def split(self, y: Stream, block_out: torch.Tensor, factor: float, remainders) -> Stream:
         """Consumes y: x = m * (y - q(block_out)) + (x mod m) is computed in place in y's state (one int64 stream
-        less alive in backward), by chunks of CHUNK elements (no temporary of a whole stream).
+        less alive in backward), by chunks (chunk_size; no temporary of a whole stream).
 
         The value is left undecoded (value_of decodes it when a block needs it).
         """
@@ -291,7 +300,7 @@ class ExactCoupling:
         """
         flat = stream.state.reshape(-1)
         a = _odd_words(key, CHECKSUM_ROW, flat.device)
-        sums = []  # by chunks of whole rows (CHUNK is a multiple of CHECKSUM_ROW): no int64 product of the state
+        sums = []  # by chunks of whole rows (chunks are multiples of CHECKSUM_ROW): no int64 product of the state
         for _, part in _chunks(flat.numel()):
             chunk = flat[part]
             rows, tail = divmod(chunk.numel(), CHECKSUM_ROW)
@@ -306,6 +315,7 @@ class ExactCoupling:
 # Elements the exact arithmetic works on at a time (decode, combine, split, checksum): a float64 or int64
 # temporary of a chunk is 2 MiB. A multiple of 8 (remainder packing) and of CHECKSUM_ROW.
 CHUNK = 2 ** 18
+MAX_CHUNKS = 8
 # Row length of the checksum's weight table (coupling.ExactCoupling.checksum).
 CHECKSUM_ROW = 1024
 _GOLDEN, _MIX1, _MIX2 = (c - 2 ** 64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))

@@ -47,7 +47,7 @@ import torch
 
 from .adapter_io import ModelRecipe, apply_method
 from .config import MEFTConfig
-from .coupling import CHUNK, ExactCoupling
+from .coupling import ExactCoupling, chunk_size
 from .memory import format_bytes
 from .models import REGISTRY, default_num_frozen_layers
 
@@ -194,7 +194,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
       the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones; stream arithmetic (quantise, split,
       decode): 5 stream-dtype values, one compute-dtype output and the integer and float64 temporaries, which
-      coupling.py bounds to CHUNK elements (before they were chunked, this phase was the peak in bf16 at
+      coupling.py bounds to chunk_size(h) elements (before they were chunked, this phase was the peak in bf16 at
       OPT-1.3B widths; now the FFN phase is).
     - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
       2 FFN-sized tensors).
@@ -216,7 +216,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         saved = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
         working = max(6 * s * h + 13 * c * h + c * mask,
                       6 * s * h + 3 * c * h + 3 * c * f,
-                      5 * s * h + c * h + (FLOAT64 + 3 * INT64) * min(h, CHUNK))
+                      5 * s * h + c * h + (FLOAT64 + 3 * INT64) * min(h, chunk_size(h)))
     elif method == "lora_gc":
         saved = trained_layers * c * h + mask
         working = 12 * c * h + 2 * c * f + c * mask

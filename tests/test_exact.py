@@ -216,16 +216,21 @@ def test_decode_by_chunks_gives_the_one_pass_float64_values(value_dtype, state_d
 
 @pytest.mark.parametrize("m", [1, 2, 3, 10, 16, 200, 1000])
 @pytest.mark.parametrize("state_dtype", [torch.int64, torch.int32])
-def test_combine_and_split_by_chunks_give_the_one_pass_integers(m, state_dtype):
-    """combine and split work CHUNK elements at a time, in place: the new state is floor(x / m) + q(b) of one
-    pass over the whole stream, the kept remainders are x mod m (bit-packed, uint8 or int32 by m), the checksum
-    equals the one-pass weighted sum, and split gives x back bit for bit; over several chunks and a ragged last
-    one (not a multiple of 8), with and without an out-of-range block output."""
-    from meft_ds.coupling import CHECKSUM_ROW, CHUNK, ExactCoupling, Stream, _odd_words, unpack_remainders
+@pytest.mark.parametrize("chunks", ["1.5 chunks", "over MAX_CHUNKS chunks"])
+def test_combine_and_split_by_chunks_give_the_one_pass_integers(m, state_dtype, chunks):
+    """combine and split work chunk_size elements at a time, in place: the new state is floor(x / m) + q(b) of
+    one pass over the whole stream, the kept remainders are x mod m (bit-packed, uint8 or int32 by m), the
+    checksum equals the one-pass weighted sum, and split gives x back bit for bit; over several chunks and a
+    ragged last one (not a multiple of 8), with and without an out-of-range block output. A stream of more than
+    MAX_CHUNKS * CHUNK elements takes larger chunks (at most MAX_CHUNKS passes)."""
+    from meft_ds.coupling import (CHECKSUM_ROW, CHUNK, MAX_CHUNKS, ExactCoupling, Stream, _odd_words, chunk_size,
+                                  unpack_remainders)
 
     frac_bits = 16 if state_dtype == torch.int32 else 32
     coupling = ExactCoupling(torch.float32, frac_bits, state_dtype)
-    shape = (3, CHUNK // 2 + 5)  # 1.5 chunks and 15 elements
+    shape = (3, CHUNK // 2 + 5) if chunks == "1.5 chunks" else (MAX_CHUNKS + 1, CHUNK + 5)
+    size = chunk_size(shape[0] * shape[1])
+    assert size % CHUNK == 0 and -(-shape[0] * shape[1] // size) <= MAX_CHUNKS and (size > CHUNK) == (shape[0] > 3)
     high = 2 ** 28 if state_dtype == torch.int32 else 2 ** 58
     x_state = torch.randint(-high, high, shape, dtype=torch.int64).to(state_dtype)
     x = Stream(coupling.decode(x_state), x_state)
