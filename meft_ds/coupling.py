@@ -209,6 +209,23 @@ class ExactCoupling:
             return torch.empty(-(-elements // 8) * _remainder_bits(m), dtype=torch.uint8, device=device)
         return torch.empty(elements, dtype=torch.uint8 if m <= 256 else torch.int32, device=device)
 
+    @staticmethod
+    def _put_remainders(storage: torch.Tensor, start: int, kept: torch.Tensor, m: int) -> None:
+        """Write the remainders of elements start, start + 1, ... (`kept`, a chunk) into `storage`."""
+        if m <= 128:
+            packed = pack_remainders(kept, m)  # start is a multiple of 8: the chunk's bytes begin a packed group
+            storage[start // 8 * _remainder_bits(m):][: packed.numel()] = packed
+        else:
+            storage[start: start + kept.numel()] = kept
+
+    @staticmethod
+    def _get_remainders(storage: torch.Tensor, start: int, like: torch.Tensor, m: int) -> torch.Tensor:
+        """The remainders _put_remainders wrote for the chunk of elements `like` stands for."""
+        if m <= 128:
+            bits = _remainder_bits(m)
+            return unpack_remainders(storage[start // 8 * bits:][: -(-like.numel() // 8) * bits], m, like)
+        return storage[start: start + like.numel()]
+
     def combine(self, x: Stream, block_out: torch.Tensor, factor: float):
         """y = floor(x / m) + q(block_out), and x mod m kept (m = 1/factor > 1).
 
@@ -233,11 +250,7 @@ class ExactCoupling:
             del quantised
             if m > 1:
                 kept = flat_x[part] & (m - 1) if m & (m - 1) == 0 else torch.remainder(flat_x[part], m)
-                if m <= 128:
-                    packed = pack_remainders(kept, m)
-                    remainders[start // 8 * _remainder_bits(m):][: packed.numel()] = packed
-                else:
-                    remainders[part] = kept
+                self._put_remainders(remainders, start, kept, m)
         poison = _nan_unless(ok)
         if m == 1:
             poison = poison + _nan_unless(_within(state, self.state_limit))  # a factor-1 sum can grow past the range
@@ -263,13 +276,7 @@ class ExactCoupling:
             ok = ok & within
             del quantised
             if m > 1:
-                if m <= 128:
-                    bits = _remainder_bits(m)
-                    packed = remainders[start // 8 * bits:][: -(-chunk.numel() // 8) * bits]
-                    kept = unpack_remainders(packed, m, chunk)
-                else:
-                    kept = remainders[part]
-                chunk.mul_(m).add_(kept)
+                chunk.mul_(m).add_(self._get_remainders(remainders, start, chunk, m))
         # Poisoned when the recomputed block output was not finite or out of range (the forward's was not, or
         # backward would not check): the checksum then fails, and the error can say why (value_of).
         return Stream(None, state, _nan_unless(ok))

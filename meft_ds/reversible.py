@@ -460,8 +460,9 @@ class MEFTStack(nn.Module):
         # compute dtype -> the stream arithmetic for it (its value dtype: MEFTConfig.torch_stream_dtype_for). One
         # object per compute dtype, never changed: a forward and its backward use the same one whatever runs between.
         self.make_coupling, self._couplings = make_coupling, {}
+        exact = isinstance(self.coupling_for(torch.float32), ExactCoupling)
         for layer in self.meft_layers:
-            layer.record_nonfinite = isinstance(self.coupling_for(torch.float32), ExactCoupling)
+            layer.record_nonfinite = exact
         self.backward = backward
         # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor
         # refuses.
