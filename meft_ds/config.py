@@ -109,6 +109,13 @@ class MEFTConfig:
                   "during the FFN backward. Measured (RoBERTa-base, 8 x 128 tokens, fp32, CPU): peak 21 MiB (19%) "
                   "lower, step about 13% slower (one more attention forward per layer)."},
     )
+    batch_chunks: int = field(
+        default=4,
+        metadata={"help": "F and G run on at most this many slices of the batch, one after another, in forward and "
+                  "in the reversible backward, so the recomputed block's graph (attention maps, FFN intermediates) "
+                  "is that much smaller at the peak; 1 runs the whole batch at once. Every block maps each sequence "
+                  "on its own, so the function is the same. Measured: docs/benchmarks.md section 0."},
+    )
     backward: str = field(
         default="reversible",
         metadata={"help": "reversible: rebuild inputs in backward; vanilla: ordinary cached autograd (same weights).",
@@ -181,6 +188,8 @@ class MEFTConfig:
                     )
         if not isinstance(self.split_layer_recompute, bool):
             raise ValueError(f"MEFTConfig.split_layer_recompute={self.split_layer_recompute!r} must be True or False.")
+        if not isinstance(self.batch_chunks, int) or isinstance(self.batch_chunks, bool) or self.batch_chunks < 1:
+            raise ValueError(f"MEFTConfig.batch_chunks={self.batch_chunks!r} must be an integer >= 1 (1: no slicing).")
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"MEFTConfig.backward={self.backward!r} is unknown; use one of {BACKWARD_MODES}.")
 

@@ -130,6 +130,7 @@ def make_reversible(model: nn.Module, config: MEFTConfig) -> nn.Module:
             frozen, meft_layers, num_reversible_layers, main_stream=_VARIANTS[config.variant][3],
             make_coupling=functools.partial(_coupling, config), backward=config.backward,
             prepare_inputs=family.input_binder(layers[0]), run_frozen=family.run_frozen,
+            batch_chunks=config.batch_chunks,
         )
         weight = next(layers[0].parameters())
         stack.mix.data = stack.mix.data.to(device=weight.device, dtype=weight.dtype)

@@ -49,6 +49,7 @@ from .adapter_io import ModelRecipe, apply_method
 from .config import MEFTConfig
 from .coupling import ExactCoupling, chunk_size
 from .memory import format_bytes
+from .reversible import batch_slices
 from .models import REGISTRY, default_num_frozen_layers
 
 METHODS = ("meft", "lora", "lora_gc", "full")
@@ -192,10 +193,12 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       attention recompute + backward: 6 stream-dtype tensors (F's input, dy1 + dG/dy1, beta*dy2, F's
       output, the two gradients autograd hands the Function) + 13 compute-dtype ones (q, k, v, output,
       their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
-      the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones; stream arithmetic (quantise, split,
-      decode): 5 stream-dtype values, one compute-dtype output and the integer and float64 temporaries, which
-      coupling.py bounds to chunk_size(h) elements (before they were chunked, this phase was the peak in bf16 at
-      OPT-1.3B widths; now the FFN phase is).
+      the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones. The attention and FFN tensors are those
+      of the largest batch slice (MEFTConfig.batch_chunks), plus 2 more whole-batch stream-dtype tensors when
+      the batch is sliced. Stream arithmetic (the forward's combine, backward's split): two more int64 states
+      (a layer's outputs beside its inputs), 5 stream-dtype values (decoders: 2 compute-dtype tensors more,
+      the embeddings their forward keeps alive) and one int64 and one stream-dtype temporary of at most
+      chunk_size(h) elements (coupling.py). With the batch sliced, this phase is the peak at small widths.
     - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
       2 FFN-sized tensors).
     - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one
@@ -214,9 +217,15 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
                                f"were measured for {MEASURED_MEFT_DEFAULTS}: measure again (tests/test_plan.py).")
         s = meft.torch_stream_dtype_for(PRECISION_DTYPES[precision]).itemsize
         saved = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
-        working = max(6 * s * h + 13 * c * h + c * mask,
-                      6 * s * h + 3 * c * h + 3 * c * f,
-                      5 * s * h + c * h + (FLOAT64 + 3 * INT64) * min(h, chunk_size(h)))
+        # F and G run on slices of the batch (MEFTConfig.batch_chunks): the recomputed block's tensors are the
+        # largest slice's; its output and input gradient are assembled in whole-batch tensors (2 more).
+        slices = len(batch_slices(micro_batch, meft.batch_chunks))
+        part = math.ceil(micro_batch / slices) / micro_batch
+        whole = 6 if slices == 1 else 8
+        working = max(whole * s * h + part * (13 * c * h + c * mask),
+                      whole * s * h + part * (3 * c * h + 3 * c * f),
+                      2 * INT64 * h + 5 * s * h + (2 * c * h if shape.model_type in DECODER_ONLY else 0)
+                      + (INT64 + s) * min(h, chunk_size(h)))
     elif method == "lora_gc":
         saved = trained_layers * c * h + mask
         working = 12 * c * h + 2 * c * f + c * mask
@@ -226,7 +235,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         working = 4 * c * h + c * f + c * mask
     if task == "causal_lm":
         working = max(working, 12 * tokens * shape.vocab)
-    return saved + working
+    return int(saved + working)
 
 
 def deepspeed_estimate(total_params: int, largest_module_params: int, stage: int, offload: bool, world: int):

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .coupling import ExactCoupling, Stream
 
@@ -73,6 +73,34 @@ def _restored_autocast(states: list[tuple[str, bool, torch.dtype]]):
         yield
 
 
+def batch_slices(batch: int, chunks: int) -> list[slice]:
+    """At most `chunks` contiguous slices of a batch of `batch` sequences, as even as possible (1 per sequence
+    when the batch is smaller)."""
+    n = max(1, min(chunks, batch))
+    bounds = [batch * i // n for i in range(n + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def chunk_seed(seed: int | None, index: int) -> int | None:
+    """The dropout seed of a batch chunk: the sub-block's own seed for the first (so one chunk draws what an
+    unchunked block draws), distinct ones for the others."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**63
+
+
+def slice_inputs(inputs: dict, batch: int, rows: slice) -> dict:
+    """The layer inputs of the sequences in `rows`: every tensor of 2 or more dimensions whose first dimension is
+    the batch (masks, per-sequence position tables, encoder states) is sliced; 1-D tensors (cache positions) and
+    tensors broadcast over the batch (first dimension 1) are passed whole."""
+    def take(x):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == batch and batch > 1:
+            return x[rows]
+        return x
+
+    return tree_map(take, inputs)
+
+
 class ReconstructionError(RuntimeError):
     """A layer input rebuilt in backward differs from the forward's (exact arithmetic only)."""
 
@@ -85,6 +113,11 @@ class MEFTLayer(nn.Module):
     Streams (see coupling.py) carry float values in the stream dtype; F and G run in `compute_dtype`
     (the dtype of the model's own hidden states, e.g. bf16 under DeepSpeed) and are upcast before
     coupling. The stack passes the stream arithmetic (`coupling`, coupling.py) to forward and backward_step.
+
+    With `chunks` > 1 (the stack's MEFTConfig.batch_chunks, in training), F and G run on at most that many
+    slices of the batch, one after another, in forward and in the reversible backward: every block maps each
+    sequence on its own, so only the recomputed slice's graph (attention maps, FFN intermediates) is alive at
+    once. Each slice draws dropout from its own seed (chunk_seed), the same in forward and backward.
     """
 
     def __init__(self, layer: nn.Module, adapter: nn.Module | None, f: BlockFn, g: BlockFn,
@@ -97,17 +130,28 @@ class MEFTLayer(nn.Module):
         # Set by the stack for the exact arithmetic (MEFTStack.first_nonfinite_layer); a 4-element tensor.
         self.record_nonfinite, self.nonfinite_flags = False, None
 
-    def run_block(self, block: BlockFn, value: torch.Tensor, inputs: dict, seed: int | None,
-                  compute_dtype: torch.dtype) -> torch.Tensor:
+    def _run_one(self, block: BlockFn, value: torch.Tensor, inputs: dict, seed: int | None,
+                 compute_dtype: torch.dtype) -> torch.Tensor:
         with seeded_rng(seed, value.device):
             out = block(self, value.to(compute_dtype), inputs)
         return out.to(value.dtype)
 
-    def forward(self, x1: Stream, x2: Stream, inputs, seeds, compute_dtype, coupling):
+    def run_block(self, block: BlockFn, value: torch.Tensor, inputs: dict, seed: int | None,
+                  compute_dtype: torch.dtype, chunks: int = 1) -> torch.Tensor:
+        rows = batch_slices(value.shape[0], chunks)
+        if len(rows) == 1:
+            return self._run_one(block, value, inputs, seed, compute_dtype)
+        outs = [self._run_one(block, value[r], slice_inputs(inputs, value.shape[0], r), chunk_seed(seed, i),
+                              compute_dtype) for i, r in enumerate(rows)]
+        return torch.cat(outs)
+
+    def forward(self, x1: Stream, x2: Stream, inputs, seeds, compute_dtype, coupling, chunks: int = 1):
         """Equations (1), (2) in `coupling`'s arithmetic; returns the streams as the next layer receives them, and
         the kept remainders."""
-        y1, side1 = coupling.combine(x1, self.run_block(self.f, x2.value, inputs, seeds[0], compute_dtype), self.lam)
-        y2, side2 = coupling.combine(x2, self.run_block(self.g, y1.value, inputs, seeds[1], compute_dtype), self.beta)
+        y1, side1 = coupling.combine(x1, self.run_block(self.f, x2.value, inputs, seeds[0], compute_dtype, chunks),
+                                     self.lam)
+        y2, side2 = coupling.combine(x2, self.run_block(self.g, y1.value, inputs, seeds[1], compute_dtype, chunks),
+                                     self.beta)
         if self.record_nonfinite:
             # Exact arithmetic: a failed range check made the whole stream NaN, so one element of each stream
             # says whether it was poisoned (inputs: 0, 1; outputs: 2, 3). Summed over the step's forwards.
@@ -116,7 +160,36 @@ class MEFTLayer(nn.Module):
         return ((y2, y1) if self.switched else (y1, y2)), (side1, side2)
 
     def recompute_backward(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
-                           seed: int | None, compute_dtype: torch.dtype):
+                           seed: int | None, compute_dtype: torch.dtype, chunks: int):
+        """block(value) recomputed with autograd on and back-propagated from `grad`, slice by slice of the batch
+        as forward ran it. Returns (the block's output, detached; the gradient for `value`).
+
+        A trainable weight then receives its gradient once per slice within one backward; DeepSpeed ZeRO 1-3
+        reduce a weight's gradient as soon as it arrives unless the weight's `ds_grad_is_ready` is False
+        (docs/method.md, ZeRO rule 4), so it is False for every slice but the last.
+        """
+        batch = value.shape[0]
+        rows = batch_slices(batch, chunks)
+        if len(rows) == 1:
+            return self._recompute_backward_one(block, value, grad, inputs, seed, compute_dtype)
+        out, value_grad = torch.empty_like(value), torch.empty_like(value)
+        trained = [p for p in self.parameters() if p.requires_grad]
+        try:
+            for i, r in enumerate(rows):
+                for p in trained:
+                    p.ds_grad_is_ready = i == len(rows) - 1
+                with torch.enable_grad():  # so that an input that needs a gradient gets it through its slice
+                    chunk_inputs = slice_inputs(inputs, batch, r)
+                out[r], value_grad[r] = self._recompute_backward_one(
+                    block, value[r], grad[r], chunk_inputs, chunk_seed(seed, i), compute_dtype)
+                del chunk_inputs
+        finally:
+            for p in trained:
+                p.ds_grad_is_ready = True
+        return out, value_grad
+
+    def _recompute_backward_one(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
+                                seed: int | None, compute_dtype: torch.dtype):
         """block(value) recomputed with autograd on and back-propagated from `grad`.
 
         Returns (the block's output, detached; the gradient for `value`). A block with `parts` = (first,
@@ -130,7 +203,7 @@ class MEFTLayer(nn.Module):
         parts = getattr(block, "parts", None)
         if parts is None:
             with torch.enable_grad():
-                out = self.run_block(block, leaf, inputs, seed, compute_dtype)
+                out = self._run_one(block, leaf, inputs, seed, compute_dtype)
                 torch.autograd.backward(out, grad)
             return out.detach(), leaf.grad
         first, second = parts
@@ -147,7 +220,7 @@ class MEFTLayer(nn.Module):
             torch.autograd.backward(first(self, leaf.to(compute_dtype), inputs), middle_grad)
         return out.detach(), leaf.grad
 
-    def backward_step(self, carry: list, remainders, inputs, seeds, compute_dtype, coupling):
+    def backward_step(self, carry: list, remainders, inputs, seeds, compute_dtype, coupling, chunks: int = 1):
         """Rebuild this layer's input from its output and propagate gradients, eqs. (3)-(7).
 
         `carry` = [out1, out2, dout1, dout2] (the output streams and their gradients) is consumed: it is
@@ -164,7 +237,8 @@ class MEFTLayer(nn.Module):
         y2 = coupling.state_only(y2)
         y1_value = coupling.value_of(y1)
         y1 = coupling.state_only(y1)
-        g_out, y1_grad = self.recompute_backward(self.g, y1_value, dy2, inputs, seeds[1], compute_dtype)
+        g_out, y1_grad = self.recompute_backward(self.g, y1_value, dy2, inputs, seeds[1], compute_dtype,
+                                                 chunks)
         del y1_value
         dy1_total = y1_grad.add_(dy1)                                              # (5)
         del y1_grad, dy1
@@ -173,7 +247,8 @@ class MEFTLayer(nn.Module):
         beta_dy2 = dy2 if self.beta == 1.0 else self.beta * dy2
         del dy2
         x2 = Stream(coupling.value_of(x2), x2.state)
-        f_out, x2_grad = self.recompute_backward(self.f, x2.value, dy1_total, inputs, seeds[0], compute_dtype)
+        f_out, x2_grad = self.recompute_backward(self.f, x2.value, dy1_total, inputs, seeds[0], compute_dtype,
+                                                 chunks)
         dx2 = x2_grad.add_(beta_dy2)                                               # (6)
         del x2_grad, beta_dy2
         x1 = coupling.split(y1, f_out, self.lam, remainders[0])                    # (4)
@@ -308,10 +383,10 @@ class _ReconstructionProbe(_Bookkeeping):
 class _StackRun:
     """What one forward of the reversible part needs again in backward (no tensors: those are saved)."""
 
-    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, first_index, report=None,
+    def __init__(self, layers, seeds, compute_dtype, rebuild, coupling, chunks, first_index, report=None,
                  after_layer_backward=None):
         self.layers, self.seeds, self.compute_dtype, self.rebuild = layers, seeds, compute_dtype, rebuild
-        self.coupling = coupling
+        self.coupling, self.chunks = coupling, chunks
         # Called with each layer once backward is done with it (MEFTStack.after_layer_backward).
         self.after_layer_backward = after_layer_backward
         # The arithmetic's bookkeeping, and when `report` is set (a callable(error: float)) the reconstruction
@@ -360,7 +435,7 @@ class ReversibleFunction(torch.autograd.Function):
         for layer, seeds in zip(run.layers, run.seeds):
             for book in run.bookkeeping:
                 book.before_layer(x1, x2, seeds)
-            (x1, x2), remainders = layer(x1, x2, inputs, seeds, run.compute_dtype, coupling)
+            (x1, x2), remainders = layer(x1, x2, inputs, seeds, run.compute_dtype, coupling, run.chunks)
             run.ledger.after_layer(remainders)
         ctx.run = run
         # The integer states get no gradient: without this, autograd would allocate int64 zeros for them.
@@ -403,7 +478,7 @@ class ReversibleFunction(torch.autograd.Function):
             for i in reversed(range(len(run.layers))):
                 layer, seeds = run.layers[i], run.seeds[i]
                 carry = list(layer.backward_step(carry, run.ledger.remainders(i), inputs, seeds, run.compute_dtype,
-                                                 coupling))
+                                                 coupling, run.chunks))
                 if run.after_layer_backward is not None:
                     run.after_layer_backward(layer)
                 for book in run.bookkeeping:
@@ -451,7 +526,7 @@ class MEFTStack(nn.Module):
     """
 
     def __init__(self, frozen_layers, meft_layers, num_reversible_layers: int, main_stream: int,
-                 make_coupling, backward: str, prepare_inputs, run_frozen):
+                 make_coupling, backward: str, prepare_inputs, run_frozen, batch_chunks: int = 1):
         super().__init__()
         self.frozen_layers = nn.ModuleList(frozen_layers)
         self.meft_layers = nn.ModuleList(meft_layers)
@@ -464,6 +539,9 @@ class MEFTStack(nn.Module):
         for layer in self.meft_layers:
             layer.record_nonfinite = exact
         self.backward = backward
+        # Slices of the batch F and G run on in training (MEFTConfig.batch_chunks). Not in evaluation: nothing is
+        # recomputed there, and a key/value cache must see the whole batch at once.
+        self.batch_chunks = batch_chunks
         # Shape (1,), not 0-dim: DeepSpeed's initial broadcast views each parameter as bytes, which a 0-dim tensor
         # refuses.
         self.mix = nn.Parameter(torch.zeros(1))
@@ -536,6 +614,7 @@ class MEFTStack(nn.Module):
         else:
             seeds = [(None, None)] * len(self.meft_layers)
         reversible = self.meft_layers[: self.num_reversible_layers]
+        chunks = self.batch_chunks if differentiable else 1
         if differentiable and self.backward == "reversible" and len(reversible) > 0:
             if not h.requires_grad:
                 # Nothing below needs grad (frozen embeddings / frozen layers); the Function must still run its
@@ -543,7 +622,7 @@ class MEFTStack(nn.Module):
                 h = h.detach().requires_grad_(True)
             split = _Inputs(inputs)
             run = _StackRun(list(reversible), seeds[: len(reversible)], compute_dtype, split.rebuild,
-                            coupling, first_index=len(self.frozen_layers),
+                            coupling, chunks, first_index=len(self.frozen_layers),
                             report=self._reconstruction.record if self._reconstruction is not None else None,
                             after_layer_backward=self.after_layer_backward)
             outputs = ReversibleFunction.apply(run, h, h, *split.tensors)
@@ -558,8 +637,8 @@ class MEFTStack(nn.Module):
                 # Non-reentrant: it needs no input that requires grad (the stack input may not) and keeps
                 # only the layer's inputs; dropout repeats from the layer's seeds.
                 (x1, x2), _ = torch.utils.checkpoint.checkpoint(layer, x1, x2, inputs, layer_seeds, compute_dtype,
-                                                                coupling, use_reentrant=False)
+                                                                coupling, chunks, use_reentrant=False)
             else:
-                (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype, coupling)
+                (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype, coupling, chunks)
         main, other = (x1.value, x2.value) if self.main_stream == 0 else (x2.value, x1.value)
         return (main + self.mix.to(main.dtype) * other).to(hidden_states.dtype)

@@ -138,3 +138,20 @@ def test_split_layer_recompute_lowers_the_peak():
         batch = make_batch(config, batch_size=2, seq_len=32, seed=0, padding=True)
         peaks[split] = count_saved(model, batch, steps=1)["peak_tensor_bytes"]
     assert peaks[True] < peaks[False], peaks
+
+
+def test_batch_chunks_lower_the_peak():
+    """F and G on slices of the batch: the recomputed block's graph is that much smaller, and so is the peak
+    tensor memory of a step (default 4 slices against 1)."""
+    from benchmarks.measure import count_saved
+    from benchmarks.setups import base_model, make_batch, make_config
+    from meft_ds import MEFTConfig, make_reversible
+
+    config = make_config("tiny-roberta", 2)
+    peaks = {}
+    for chunks in (1, 4):
+        model = make_reversible(base_model(config, seed=0), MEFTConfig(variant="meft1", adapter_dim=8,
+                                                                      batch_chunks=chunks))
+        batch = make_batch(config, batch_size=4, seq_len=32, seed=0, padding=True)
+        peaks[chunks] = count_saved(model, batch, steps=1)["peak_tensor_bytes"]
+    assert peaks[4] < 0.9 * peaks[1], peaks

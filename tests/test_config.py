@@ -22,6 +22,9 @@ from meft_ds import MEFTConfig, make_reversible, set_backward
     (dict(adapter_dropout=1.0), "adapter_dropout=1.0"),
     (dict(stream_dtype="float16"), "stream_dtype='float16' is unknown"),
     (dict(backward="checkpoint"), "backward='checkpoint' is unknown"),
+    (dict(batch_chunks=0), "batch_chunks=0 must be an integer >= 1"),
+    (dict(batch_chunks=2.0), "batch_chunks=2.0 must be an integer >= 1"),
+    (dict(batch_chunks=True), "batch_chunks=True must be an integer >= 1"),
 ])
 def test_invalid_values_raise(kwargs, message):
     with pytest.raises(ValueError) as error:

@@ -109,3 +109,59 @@ def test_check_gradients_passes_a_correct_backward_and_catches_a_wrong_one(monke
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="converted by make_reversible"):
         check_gradients(build("bert", MODEL_CASES[0][1], num_layers=2), batch)
+
+
+NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+              "bart": dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
+              "opt": dict(dropout=0.0, attention_dropout=0.0), "llama": dict(attention_dropout=0.0)}
+
+
+@pytest.mark.parametrize("model_type,head", [MODEL_CASES[0], MODEL_CASES[5], MODEL_CASES[6], MODEL_CASES[8]],
+                         ids=[CASE_IDS[0], CASE_IDS[5], CASE_IDS[6], CASE_IDS[8]])
+def test_batch_chunks_compute_the_same_function(model_type, head):
+    """Without dropout (whose masks each slice draws from its own seed) the model is the same function whatever
+    the slicing of the batch: loss and every gradient of batch_chunks=2 (uneven slices of 3 sequences, padded,
+    BART's decoder reading encoder states through cross-attention) equal the unsliced ones in float64."""
+    results = {}
+    for chunks in (1, 2):
+        model = build(model_type, head, **NO_DROPOUT[model_type])
+        torch.manual_seed(1)
+        make_reversible(model, MEFTConfig(variant="meft1", stream_dtype="float64", num_frozen_layers=0,
+                                          batch_chunks=chunks))
+        for stack in model.modules():
+            if isinstance(stack, MEFTStack):
+                stack.mix.data.fill_(0.3)
+        results[chunks] = embedding_grad_step(model, make_batch(model), "reversible")
+    (loss_1, grads_1), (loss_2, grads_2) = results[1], results[2]
+    assert rel_err(loss_2, loss_1) < 1e-12
+    assert grads_1.keys() == grads_2.keys() and len(grads_1) >= 3
+    for name, ref in grads_1.items():
+        assert ref is not None and ref.abs().sum() > 0, name
+        assert rel_err(grads_2[name], ref) < 1e-10, name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reversible_equals_vanilla_with_uneven_batch_chunks(variant):
+    """Dropout on, 2 slices of 1 and 2 sequences: the reversible backward redraws each slice's masks."""
+    model = build("opt", MODEL_CASES[6][1])
+    make_reversible(model, MEFTConfig(variant=variant, stream_dtype="float64", adapter_dropout=0.1,
+                                      num_frozen_layers=0, batch_chunks=2))
+    assert assert_same_gradients(model, make_batch(model)) >= 3
+
+
+def test_batch_slices_and_what_each_slice_reads():
+    from meft_ds.reversible import batch_slices, chunk_seed, slice_inputs
+
+    assert batch_slices(3, 4) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert batch_slices(8, 3) == [slice(0, 2), slice(2, 5), slice(5, 8)]
+    assert batch_slices(5, 1) == [slice(0, 5)]
+    seeds = [chunk_seed(7, i) for i in range(8)]
+    assert seeds[0] == 7 and len(set(seeds)) == 8 and all(0 <= s < 2**63 for s in seeds)
+    assert chunk_seed(None, 3) is None
+    mask, positions, cache_position = torch.zeros(4, 1, 5, 5), torch.zeros(1, 5, 2), torch.arange(4)
+    encoder = torch.zeros(4, 6, 3)
+    sliced = slice_inputs({"attention_mask": mask, "position_embeddings": (positions, encoder),
+                           "cache_position": cache_position, "use_cache": False}, 4, slice(1, 3))
+    assert sliced["attention_mask"].shape == (2, 1, 5, 5)
+    assert sliced["position_embeddings"][0] is positions and sliced["position_embeddings"][1].shape == (2, 6, 3)
+    assert sliced["cache_position"] is cache_position and sliced["use_cache"] is False

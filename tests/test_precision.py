@@ -56,7 +56,9 @@ def test_autocast_is_restored_in_backward(variant):
     rounding and the reconstruction error would blow up; with the same state they agree closely.
     """
     model = build("bert", tf.BertForSequenceClassification, dtype=torch.float32)
-    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic="float"))
+    # The batch in one piece: the tolerances above were measured so (with slices the float rebuild's bf16
+    # rounding differs: MEFT1's error measured 3.5e-3 with 4 slices, 1.1e-2 with 4 slices and no restore).
+    make_reversible(model, MEFTConfig(variant=variant, stream_arithmetic="float", batch_chunks=1))
     batch = make_batch(model)
     grads = {}
     for mode in ("vanilla", "reversible"):
