@@ -17,7 +17,7 @@
 #                    scripts/zero3_memory.py) fine-tuned through launch/train.py on the causal-LM sample,
 #                    ZeRO-3 with stage3_param_persistence_threshold 0, bf16 and fp16, a few steps;
 #   peak_memory      benchmarks.bench_memory: CUDA peak memory (torch.cuda.max_memory_allocated over the built
-#                    model) for MEFT (the default, and with the batch whole) vs LoRA and LoRA + checkpointing,
+#                    model) for MEFT (the default, and with 4 batch slices) vs LoRA and LoRA + checkpointing,
 #                    OPT-1.3B shape, 4 x 512 tokens, bf16;
 #   step_time        benchmarks.bench_memory: step time (wall clock, synchronised) and CUDA peak of the same
 #                    methods, RoBERTa-base shape, 12 layers, 32 x 128 tokens, fp32;
@@ -44,6 +44,10 @@ PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/meft_ds/torch_extensions}"
 [ "$DEVICE" = cpu ] && export DS_ACCELERATOR=cpu
+# DeepSpeed 0.19.8's JIT op builder reads each TORCH_CUDA_ARCH_LIST entry as numbers and fails on an
+# architecture-specific one such as 9.0a ("invalid literal for int() with base 10: '0a'" while building FusedAdam,
+# seen on an H200 image; the same runs passed with 9.0): drop such suffixes.
+[ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH#$ROOT}"
@@ -170,17 +174,17 @@ peak_json() {
     "meta": {k: m.get(k) for k in ("device_name", "torch", "config", "main_layers", "frozen_layers_at_main")}}, open(sys.argv[2], "w"), indent=2)' "$OUT_DIR/peak_memory/results.json" "$OUT_DIR/peak_memory.json"
 }
 POST=peak_json section peak_memory 120 "$PYTHON" -m benchmarks.bench_memory --device "$DEVICE" "${PEAK[@]}" --sections peak \
-  --methods lora,lora_gc,meft1_exact,meft1_exact_chunks1 --frozen_methods lora_gc,meft1_exact --peak_steps 3 \
+  --methods lora,lora_gc,meft1_exact,meft1_exact_chunks4 --frozen_methods lora_gc,meft1_exact --peak_steps 3 \
   --peak_in_process --keep_going --out_dir "$OUT_DIR/peak_memory"
 
-# (5) step time and CUDA peak of the default (4 batch slices) and of the batch whole against LoRA(+GC), the
+# (5) step time and CUDA peak of the default (the batch whole) and of 4 batch slices against LoRA(+GC), the
 # RoBERTa-base shape of docs/benchmarks.md section 0 at a GPU-sized batch.
 step_json() {
   "$PYTHON" -c 'import json, sys; d = json.load(open(sys.argv[1])); json.dump({k: d.get(k) for k in ("timing", "peak")},
     open(sys.argv[2], "w"), indent=2)' "$OUT_DIR/step_time/results.json" "$OUT_DIR/step_time.json"
 }
 POST=step_json section step_time 120 "$PYTHON" -m benchmarks.bench_memory --device "$DEVICE" "${STEP[@]}" \
-  --sections peak,timing --methods lora,lora_gc,meft1_exact,meft1_exact_chunks1 --frozen_methods "" \
+  --sections peak,timing --methods lora,lora_gc,meft1_exact,meft1_exact_chunks4 --frozen_methods "" \
   --frozen_fraction 0 --timing_rounds 5 --peak_steps 2 --peak_in_process --keep_going --out_dir "$OUT_DIR/step_time"
 
 # (1) fp16 loss scaling on an overflow inside a reversible layer.
@@ -193,13 +197,14 @@ fi
 # (2) OPT at OPT-1.3B widths under ZeRO-3, partitioned (persistence threshold 0), bf16 and fp16.
 PORT=29700  # one port per DeepSpeed launch: a run that did not release its port cannot block the next
 MODEL_DIR="$OUT_DIR/opt_model"
+# Its tokenizer: the offline MiniLM's, or the one in $TOKENIZER_DIR (a machine without the MiniLM package).
 section opt_width_model 120 "$PYTHON" - "$MODEL_DIR" "$OPT_LAYERS" "$OPT_TINY" "$DEVICE" "$OUT_DIR/opt_width_model.json" <<'PY'
-import json, sys
+import json, os, sys
 from pathlib import Path
 sys.path.insert(0, "scripts")
 from zero3_memory import write_model
 path, layers, tiny, device = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-count = write_model(path, layers, tiny, device=device)
+count = write_model(path, layers, tiny, device=device, tokenizer_dir=os.environ.get("TOKENIZER_DIR"))
 Path(sys.argv[5]).write_text(json.dumps({"layers": layers, "tiny": tiny, "parameters": count}) + "\n")
 PY
 for precision in bf16 fp16; do

