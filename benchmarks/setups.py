@@ -22,8 +22,10 @@ Methods (`METHODS`), all training the task head:
                   gradients through the coupling in bf16; the states stay int64). With bf16 weights this is
                   what the default ("auto") does; meft1_exact_fp32 keeps float32 values there (the default
                   before 2026-11-30).
-- meft1_exact_chunksN (N = 1, 2, 8), meft1_chunks1, meft3_chunks1: the same with MEFTConfig.batch_chunks=N
-                  (default 4): F and G run on N slices of the batch in forward and in the reversible backward.
+- meft1_exact_chunksN (N = 1, 2, 4, 8), meft1_chunksN, meft3_chunksN (N = 1, 4): the same with
+                  MEFTConfig.batch_chunks=N (default 1): F and G run on N slices of the batch in forward and in the
+                  reversible backward. (The default was 4 for a few hours on 2026-11-30: in the JSON files of
+                  those runs, meft1_exact, meft1 and meft3 without a suffix ran with 4 slices.)
 - meft1_exact_int32, meft1_exact_bf16_int32: meft1_exact and meft1_exact_bf16 with int32 states
                   (MEFTConfig.state_dtype="int32", frac_bits=16).
 Any method can also run with the lowest `num_frozen_layers` layers frozen (label suffix `+frozenK`):
@@ -114,7 +116,8 @@ METHODS = ("full", "lora", "lora_gc", "lora_gc_naive", "meft1_vanilla", "meft2_v
            "meft1", "meft2", "meft3") + (("meft1_exact", "meft2_exact", "meft3_exact", "meft1_exact_one_stage",
                                           "meft1_exact_bf16", "meft1_exact_fp32", "meft1_exact_int32",
                                           "meft1_exact_bf16_int32", "meft1_exact_chunks1", "meft1_exact_chunks2",
-                                          "meft1_exact_chunks8", "meft1_chunks1", "meft3_chunks1")
+                                          "meft1_exact_chunks4", "meft1_exact_chunks8", "meft1_chunks1", "meft1_chunks4",
+                                          "meft3_chunks1", "meft3_chunks4")
                                          if HAS_EXACT else ())
 DEFAULT_METHODS = ("full", "lora", "lora_gc", "meft1_vanilla", "meft1", "meft2", "meft3") + (
     ("meft1_exact",) if HAS_EXACT else ())
@@ -237,7 +240,8 @@ def build_method(model: nn.Module, method: Method) -> nn.Module:
                "exact_int32": dict(state_dtype="int32", frac_bits=16),
                "exact_bf16_int32": dict(stream_dtype="bfloat16", state_dtype="int32", frac_bits=16),
                "exact_chunks1": dict(batch_chunks=1), "exact_chunks2": dict(batch_chunks=2),
-               "exact_chunks8": dict(batch_chunks=8), "chunks1": dict(batch_chunks=1)}[suffix]
+               "exact_chunks4": dict(batch_chunks=4), "exact_chunks8": dict(batch_chunks=8),
+               "chunks1": dict(batch_chunks=1), "chunks4": dict(batch_chunks=4)}[suffix]
     if HAS_EXACT:  # pinned: the core's default arithmetic may change
         options["stream_arithmetic"] = "exact" if suffix.startswith("exact") else "float"
     config = MEFTConfig(variant=variant, adapter_dim=ADAPTER_DIM, num_frozen_layers=frozen, **options)

@@ -180,7 +180,7 @@ def remainder_bytes(elements: int, config: MEFTConfig) -> int:
 
 
 def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length: int, precision: str,
-                     trained_layers: int, task: str) -> int:
+                     trained_layers: int, task: str, batch_chunks: int | None = None) -> int:
     """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included): the saved
     part (bytes saved for backward, kept from forward into backward) plus the largest working set of backward.
 
@@ -219,7 +219,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         saved = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
         # F and G run on slices of the batch (MEFTConfig.batch_chunks): the recomputed block's tensors are the
         # largest slice's; its output and input gradient are assembled in whole-batch tensors (2 more).
-        slices = len(batch_slices(micro_batch, meft.batch_chunks))
+        slices = len(batch_slices(micro_batch, meft.batch_chunks if batch_chunks is None else batch_chunks))
         part = math.ceil(micro_batch / slices) / micro_batch
         whole = 6 if slices == 1 else 8
         working = max(whole * s * h + part * (13 * c * h + c * mask),
@@ -255,9 +255,10 @@ DEVICE_COMPONENTS = ("frozen", "trainable", "grads", "optimizer", "activations",
 
 
 def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, task, num_frozen_layers=None,
-              methods=METHODS):
-    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers: MEFT's;
-    None = the family default). Adapters and LoRA have MEFTConfig's default adapter_dim (the launcher's)."""
+              methods=METHODS, batch_chunks=None):
+    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers and batch_chunks:
+    MEFT's; None = the family default and MEFTConfig's). Adapters and LoRA have MEFTConfig's default adapter_dim
+    (the launcher's)."""
     shape, w, adapter_dim = shape_of(config), PRECISION_BYTES[precision], MEFTConfig().adapter_dim
     frozen_default = num_frozen_layers
     if frozen_default is None and "meft" in methods:
@@ -268,7 +269,7 @@ def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, tas
         params, largest = meta_model(config, task, method, frozen if method == "meft" else None, adapter_dim)
         total, trainable = sum(n for n, _ in params), sum(n for n, t in params if t)
         activations = activation_bytes(shape, method, micro_batch, max_seq_length, precision, shape.num_layers - frozen,
-                                       task)
+                                       task, batch_chunks)
         for stage, offload in SETTINGS:
             states = model_states(params, stage, offload, world_size, w)
             # ZeRO-3 gathers a module's weights for its forward/backward (and prefetches the next): 2 modules.
@@ -329,9 +330,10 @@ def run_line(config, *, method: str, stage: int, offload: bool, world_size: int,
             return (f"plan: not available for this MEFT setting ({differing}); python -m meft_ds.plan models "
                     f"MEFTConfig's defaults only")
         frozen = meft_config["num_frozen_layers"]
+    chunks = meft_config.get("batch_chunks") if method == "meft" else None
     row = next(r for r in plan_rows(config, world_size=world_size, max_seq_length=max_seq_length,
                                     micro_batch=micro_batch, precision=precision, task=task,
-                                    num_frozen_layers=frozen, methods=(method,))
+                                    num_frozen_layers=frozen, methods=(method,), batch_chunks=chunks)
                if (r["stage"], r["offload"]) == (stage, offload))
     return (f"plan: {method}, ZeRO-{stage}{' offload' if offload else ''}, micro-batch {micro_batch} x "
             f"{max_seq_length} tokens: about {format_bytes(row['device'])} per rank (weights "
@@ -370,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--micro_batch", "--per_device_train_batch_size", type=int, default=4,
                         help="Sequences per rank and micro-step.")
     parser.add_argument("--precision", default="bf16", choices=tuple(PRECISION_BYTES))
+    parser.add_argument("--batch_chunks", type=int, default=MEFTConfig().batch_chunks,
+                        help="MEFT's batch slices in training (MEFTConfig.batch_chunks): fewer activations, more time.")
     parser.add_argument("--task", default=None, choices=("causal_lm", "classification"),
                         help="Head and loss; default causal_lm for decoder-only models, else classification.")
     parser.add_argument("--json", action="store_true", help="Print the rows and the recommendation as JSON.")
@@ -382,7 +386,7 @@ def main(argv=None) -> int:
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
         reserve = gpu_memory // 10 if args.reserve is None else parse_bytes(args.reserve)
-        for name in ("world_size", "max_seq_length", "micro_batch"):
+        for name in ("world_size", "max_seq_length", "micro_batch", "batch_chunks"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} {getattr(args, name)} must be at least 1.")
         if reserve >= gpu_memory:
@@ -393,7 +397,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:
         parser.exit(2, "error: " + " ".join(str(error).split()) + "\n")  # one line, also for multi-line library errors
     task = args.task or ("causal_lm" if config.model_type in DECODER_ONLY else "classification")
-    run = dict(world_size=args.world_size, max_seq_length=args.max_seq_length, precision=args.precision, task=task)
+    run = dict(world_size=args.world_size, max_seq_length=args.max_seq_length, precision=args.precision, task=task,
+               batch_chunks=args.batch_chunks)
     budget = gpu_memory - reserve
     rows = plan_rows(config, **run, micro_batch=args.micro_batch)
     best = recommend(config, budget, **run, micro_batch=args.micro_batch)
