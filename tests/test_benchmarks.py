@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -155,3 +156,15 @@ def test_batch_chunks_lower_the_peak():
         batch = make_batch(config, batch_size=4, seq_len=32, seed=0, padding=True)
         peaks[chunks] = count_saved(model, batch, steps=1)["peak_tensor_bytes"]
     assert peaks[4] < 0.9 * peaks[1], peaks
+
+
+def test_profile_step_prints_a_profile_per_method():
+    """benchmarks/profile_step.py (where a step's time goes; its H200 output is in benchmarks/results) on the CPU."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--device", "cpu", "--shape", "tiny-opt",
+                           "--layers", "2", "--batch_size", "2", "--seq_len", "16"],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    for method in ("lora_gc", "meft1_exact"):
+        line = next(x for x in done.stdout.splitlines() if x.startswith(f"== {method}: wall "))
+        assert float(line.split("wall ")[1].split(" ms")[0]) > 0
+    assert "Self CPU time total" in done.stdout
