@@ -21,10 +21,9 @@ from meft_ds.training.data import (
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_GLUE = os.path.join(REPO, "..", "shared", "data", "glue")
-needs_shared_glue = pytest.mark.skipif(
-    not os.path.isdir(SHARED_GLUE), reason="the real GLUE files (../shared/data/glue) are not on this machine"
-)
+# Real GLUE files in the official TSV layout, shipped in the repository (docs/data.md): SST-2 and RTE, each with its
+# full dev set and the first lines of its train set.
+GLUE = os.path.join(REPO, "data")
 
 
 def read_tsv_rows(path):
@@ -81,9 +80,8 @@ def test_aliases_and_specs():
 # ------------------------------------------------------------------ real GLUE files
 
 
-@needs_shared_glue
 def test_real_sst2_matches_file(tmp_path):
-    data_dir = os.path.join(SHARED_GLUE, "SST-2")
+    data_dir = os.path.join(GLUE, "sst2")
     dsdict, spec = load_task_datasets("sst2", data_dir=data_dir, cache_dir=str(tmp_path))
     assert spec is GLUE_TASKS["sst2"]
     for split, name in (("train", "train.tsv"), ("validation", "dev.tsv")):
@@ -95,9 +93,8 @@ def test_real_sst2_matches_file(tmp_path):
     assert dsdict["train"].features["label"].names == ["negative", "positive"]
 
 
-@needs_shared_glue
 def test_real_rte_maps_label_names(tmp_path):
-    data_dir = os.path.join(SHARED_GLUE, "RTE")
+    data_dir = os.path.join(GLUE, "rte")
     dsdict, spec = load_task_datasets("RTE", data_dir=data_dir, cache_dir=str(tmp_path))
     rows = read_tsv_rows(os.path.join(data_dir, "dev.tsv"))
     assert dsdict["validation"]["sentence1"] == [row["sentence1"] for row in rows]
