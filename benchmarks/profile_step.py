@@ -5,17 +5,48 @@
 Prints, per method, the wall time of the step, the device's own kernel time, the number of kernels launched, and
 the profiler's table of the ops with the most device time (on the CPU: the CPU time). Random bf16 weights of the
 benchmark shapes (benchmarks/setups.py), three warm-up steps first. Results: docs/benchmarks.md, section 0.
+
+Then, from one more step, the number of compute ops (every aten op but views and allocations: on a GPU, about
+one kernel launch each) and the meft_ds source lines that issue the most of them. Unlike time, this count is
+the same on every machine for a given shape, so it can be compared across devices: a launch-bound GPU step
+(docs/benchmarks.md) shortens with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import time
+import traceback
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import setups
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts compute ops (not views, not allocations), each under the innermost meft_ds source line that issued
+    it ("elsewhere": torch, transformers)."""
+
+    SKIP = {"empty", "empty_strided", "detach", "lift_fresh", "alias", "resize_", "set_"}
+
+    def __init__(self):
+        super().__init__()
+        self.sites = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in self.SKIP:
+            frame = next((f for f in reversed(traceback.extract_stack()) if "/meft_ds/" in f.filename), None)
+            site = f"meft_ds/{frame.filename.split('/meft_ds/')[-1]}:{frame.lineno}" if frame else "elsewhere"
+            self.sites[(site, func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
 
 
 def main() -> None:
@@ -26,7 +57,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--methods", default="lora_gc,meft1_exact")
+    parser.add_argument("--top_sites", type=int, default=12, help="meft_ds source lines listed by compute ops")
+    parser.add_argument("--json", help="also write each method's wall time, kernels, kernel time and compute ops here")
     args = parser.parse_args()
+    results = {}
     cuda = args.device == "cuda"
     config = setups.make_config(args.shape, args.layers)
     batch = {k: v.to(args.device) for k, v in
@@ -46,14 +80,30 @@ def main() -> None:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
         events = prof.key_averages()
-        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        device_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        print(f"== {name}: wall {wall * 1e3:.1f} ms, device kernel time {device_ms / 1e3:.1f} ms, kernels {kernels}")
+        # Kernels only: user annotations (record_function ranges) also appear as device events, and counting
+        # their time too is what made an earlier version's kernel time twice the table's "Self CUDA time total".
+        device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)]
+        kernels, device_ms = sum(e.count for e in device), sum(e.self_device_time_total for e in device) / 1e3
+        print(f"== {name}: wall {wall * 1e3:.1f} ms, device kernel time {device_ms:.1f} ms, kernels {kernels}")
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         print(events.table(sort_by=sort, row_limit=18, max_name_column_width=60))
+        with OpCounter() as counter:
+            model(**batch).loss.backward()
+        print(f"== {name}: compute ops {counter.total} in one step; most from meft_ds source lines:")
+        own = [(site, op, n) for (site, op), n in counter.sites.most_common() if site != "elsewhere"]
+        for site, op, n in own[: args.top_sites]:
+            print(f"   {n:6d}  {op:<24s} {site}")
+        results[name] = dict(wall_ms=round(wall * 1e3, 2), kernels=kernels, device_kernel_ms=round(device_ms, 2),
+                             compute_ops=counter.total)
         del model
         if cuda:
             torch.cuda.empty_cache()
+    if args.json:
+        meta = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, shape=args.shape,
+                    layers=args.layers, batch_size=args.batch_size, seq_len=args.seq_len, dtype="bfloat16")
+        with open(args.json, "w") as handle:
+            json.dump(dict(meta=meta, methods=results), handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ class MEFTConfig:
                   "intermediates) is that much smaller at the peak; 1 runs the whole batch at once. Every block maps "
                   "each sequence on its own, so the function is the same. Measured with 4 (docs/benchmarks.md "
                   "section 0): peak activation memory 0.51x LoRA+GC instead of 0.81x at 12 layers (RoBERTa-base "
-                  "shape, 8 x 128, fp32), 5% slower on a CPU but twice as slow on an H200, hence not the default."},
+                  "shape, 8 x 128, fp32), 5% slower on a CPU but twice as slow on an H200, hence not the default. "
+                  "The exact stream arithmetic works on each stream in 2 chunks per slice."},
     )
     backward: str = field(
         default="reversible",

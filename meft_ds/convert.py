@@ -74,7 +74,9 @@ def _coupling(config: MEFTConfig, compute_dtype: torch.dtype):
     """The stream arithmetic for layers that compute in `compute_dtype` (MEFTStack.coupling_for)."""
     value_dtype = config.torch_stream_dtype_for(compute_dtype)
     if config.stream_arithmetic == "exact":
-        return ExactCoupling(value_dtype, config.frac_bits, config.torch_state_dtype)
+        # Two passes of the integer work per batch slice: measured, larger chunks would add to the peak only
+        # when the batch is sliced, and each pass is more kernel launches (docs/benchmarks.md section 0).
+        return ExactCoupling(value_dtype, config.frac_bits, config.torch_state_dtype, 2 * config.batch_chunks)
     return FloatCoupling(value_dtype)
 
 

@@ -28,6 +28,7 @@ No check synchronises with the host.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -44,8 +45,23 @@ def _remainder_bits(m: int) -> int:
     return (m - 1).bit_length()
 
 
-def pack_remainders(remainders: torch.Tensor, m: int) -> torch.Tensor:
-    """x mod m (values in [0, m), m <= 128) as ceil(log2 m)-bit fields: every 8 elements fill `bits` bytes.
+def _field_shifts(bits: int, device) -> torch.Tensor:
+    """(0, bits, 2 * bits, ..., 7 * bits) as int64 on `device`: where each of 8 remainders sits in a packed word.
+    Cached, so packing launches no arange (a kernel on a GPU) per call."""
+    key = (bits, str(device))
+    if key not in _FIELD_SHIFTS:
+        _FIELD_SHIFTS[key] = torch.arange(8, device=device, dtype=torch.int64) * bits
+    return _FIELD_SHIFTS[key]
+
+
+_FIELD_SHIFTS: dict = {}
+if sys.byteorder != "little":  # the packing reads an int64 word's low bytes through a uint8 view of it
+    raise ImportError("meft_ds.coupling packs remainders through little-endian byte views; this machine is big-endian")
+
+
+def pack_remainders(remainders: torch.Tensor, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x mod m (values in [0, m), m <= 128) as ceil(log2 m)-bit fields: every 8 elements fill `bits` bytes (the
+    low `bits` bytes, little-endian, of the word sum_k r_k << (k * bits)). Written into `out` if given.
 
     Packing a run of elements that starts at a multiple of 8 gives the bytes of the whole tensor's packing
     from (start / 8) * bits on, so a tensor can be packed (and unpacked) by chunks.
@@ -55,33 +71,35 @@ def pack_remainders(remainders: torch.Tensor, m: int) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    words = (flat.view(-1, 8).to(torch.int64) << shifts).sum(-1)  # 8 * bits <= 56 bits: no sign overflow
-    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    return ((words.unsqueeze(-1) >> byte_shifts) & 255).to(torch.uint8).reshape(-1)
+    # 8 * bits <= 56 bits: no sign overflow. Three kernels: shift, sum, and the copy of the low bytes.
+    words = (flat.view(-1, 8).to(torch.int64) << _field_shifts(bits, flat.device)).sum(-1)
+    low_bytes = words.view(torch.uint8).view(-1, 8)[:, :bits]
+    if out is None:
+        return low_bytes.reshape(-1)
+    out.view(-1, bits).copy_(low_bytes)
+    return out
 
 
 def unpack_remainders(packed: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_remainders: an int64 tensor shaped like `like`."""
     bits = _remainder_bits(m)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    words = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(-1)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    groups = packed.numel() // bits
+    words = torch.zeros(groups, dtype=torch.int64, device=packed.device)
+    words.view(torch.uint8).view(groups, 8)[:, :bits].copy_(packed.view(groups, bits))
+    values = (words.unsqueeze(-1) >> _field_shifts(bits, packed.device)) & ((1 << bits) - 1)
     return values.reshape(-1)[: like.numel()].view(like.shape)
 
 
-def chunk_size(count: int) -> int:
+def chunk_size(count: int, max_chunks: int) -> int:
     """Elements the exact arithmetic works on at a time in a stream of `count` elements: the smallest multiple of
-    CHUNK that needs at most MAX_CHUNKS passes. Its int64 and float64 temporaries are then 2 MiB for streams of up
-    to 2^21 elements and an eighth of the stream's elements beyond (a sixteenth of its int64 state), while an
-    operation never takes more than MAX_CHUNKS passes (kernel launches on a GPU)."""
-    return CHUNK * max(1, -(-count // (CHUNK * MAX_CHUNKS)))
+    CHUNK that needs at most `max_chunks` passes. Each pass is a handful of kernel launches on a GPU, where the
+    reversible step is launch-bound; its int64 and float64 temporaries are of a chunk's size."""
+    return CHUNK * max(1, -(-count // (CHUNK * max_chunks)))
 
 
-def _chunks(count: int):
-    """(start, slice) over `count` elements, chunk_size(count) at a time."""
-    size = chunk_size(count)
+def _chunks(count: int, max_chunks: int):
+    """(start, slice) over `count` elements, chunk_size(count, max_chunks) at a time."""
+    size = chunk_size(count, max_chunks)
     for start in range(0, count, size):
         yield start, slice(start, start + size)
 
@@ -150,9 +168,13 @@ def _within(tensor: torch.Tensor, limit: float) -> torch.Tensor:
 class ExactCoupling:
     keeps_remainders = True
 
-    def __init__(self, value_dtype: torch.dtype, frac_bits: int, state_dtype: torch.dtype = torch.int64):
+    def __init__(self, value_dtype: torch.dtype, frac_bits: int, state_dtype: torch.dtype = torch.int64,
+                 max_chunks: int = 2):
         self.value_dtype = value_dtype
         self.frac_bits = frac_bits
+        # Passes over a stream (chunk_size): the library sets 2 per batch slice (MEFTConfig.batch_chunks), so the
+        # temporaries (about two int64 words per element of a chunk) stay below a slice's recomputed graph.
+        self.max_chunks = max_chunks
         self.scale = float(2 ** frac_bits)
         self.state_dtype = state_dtype  # int64, or int32 for half the memory and a range 2^32 times smaller
         self.quantised_limit, self.state_limit = limits(state_dtype)
@@ -163,29 +185,37 @@ class ExactCoupling:
 
     def quantise(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed-point values and a 0-dim poison flag (NaN if any value is non-finite or out of range, else 0)."""
-        state, ok = self._quantised(values.detach())
-        return state, _nan_unless(ok)
+        values = values.detach()
+        return self._quantised(values), _nan_unless(self._in_range(values))
 
-    def _quantised(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed-point `values` and a 0-dim bool: every value finite and within the quantised range."""
-        # Scaling by 2^frac_bits is exact in any binary float format (an overflow becomes inf, which the range
-        # check catches), and rounding to an integer is exact in the value's own format, so fp32, bf16 and
-        # fp64 give the integers a float64 detour would, with one temporary of the input's size instead of
-        # three float64 ones. fp16 is widened first: its range (65504) overflows at any useful frac_bits.
+    def _in_range(self, values: torch.Tensor) -> torch.Tensor:
+        """0-dim bool, one aminmax over `values` (no temporary): every value finite and, scaled by 2^frac_bits,
+        within the quantised range. Scaling by a power of two is exact, so comparing the unscaled values with
+        limit / 2^frac_bits (a power of two) decides the same. Where that bound is above the format's largest
+        finite value (fp16 with few fractional bits) it compares as inf: the check is then finiteness, which is
+        the same condition there. One check per tensor, not per chunk: a handful of kernels, not one per chunk."""
+        return _within(values, self.quantised_limit / self.scale)
+
+    def _quantised(self, values: torch.Tensor) -> torch.Tensor:
+        """Fixed-point `values`, unchecked (see _in_range)."""
+        # Scaling by 2^frac_bits is exact in any binary float format, and rounding to an integer is exact in
+        # the value's own format, so fp32, bf16 and fp64 give the integers a float64 detour would, with one
+        # temporary of the input's size instead of three float64 ones. fp16 is widened first: its range (65504)
+        # overflows at any useful frac_bits.
         scaled = (values.float() if values.dtype == torch.float16 else values) * self.scale
-        ok = _within(scaled, self.quantised_limit)  # on the scaled copy: no extra read of `values`
-        return scaled.round_().to(self.state_dtype), ok
+        return scaled.round_().to(self.state_dtype)
 
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         """state / 2^frac_bits in the value dtype, rounded once (through float64, exact for |state| < 2^53).
 
-        By chunks (chunk_size) with the division in place: one bounded float64 temporary instead of two of the
-        stream's size. The same operations per element, so the same values.
+        By chunks (chunk_size), the division computed in float64 and rounded once as it is stored: one bounded
+        float64 temporary instead of two of the stream's size. The same operations per element, so the same
+        values.
         """
         out = torch.empty(state.shape, dtype=self.value_dtype, device=state.device)
         flat_state, flat_out = state.reshape(-1), out.view(-1)
-        for _, part in _chunks(flat_state.numel()):
-            flat_out[part] = flat_state[part].double().div_(self.scale)
+        for _, part in _chunks(flat_state.numel(), self.max_chunks):
+            torch.div(flat_state[part].double(), self.scale, out=flat_out[part])  # rounded once, on the store
         return out
 
     def _stream(self, state: torch.Tensor, carrier: torch.Tensor | None, poison: torch.Tensor) -> Stream:
@@ -212,9 +242,9 @@ class ExactCoupling:
     @staticmethod
     def _put_remainders(storage: torch.Tensor, start: int, kept: torch.Tensor, m: int) -> None:
         """Write the remainders of elements start, start + 1, ... (`kept`, a chunk) into `storage`."""
-        if m <= 128:
-            packed = pack_remainders(kept, m)  # start is a multiple of 8: the chunk's bytes begin a packed group
-            storage[start // 8 * _remainder_bits(m):][: packed.numel()] = packed
+        if m <= 128:  # start is a multiple of 8: the chunk's bytes begin a packed group
+            bits = _remainder_bits(m)
+            pack_remainders(kept, m, out=storage[start // 8 * bits:][: -(-kept.numel() // 8) * bits])
         else:
             storage[start: start + kept.numel()] = kept
 
@@ -230,7 +260,7 @@ class ExactCoupling:
         """y = floor(x / m) + q(block_out), and x mod m kept (m = 1/factor > 1).
 
         The integer work goes by chunks (chunk_size), adding into the new state in place: besides the
-        states, no temporary of a whole stream (the int64 ones were the peak of bf16 runs at wide shapes).
+        states, no temporary larger than a chunk.
         """
         m = self.divisor(factor)
         x_state = x.state.contiguous()
@@ -242,12 +272,9 @@ class ExactCoupling:
             state = torch.div(x_state, m, rounding_mode="floor")
         flat, flat_x, values = state.view(-1), x_state.view(-1), block_out.detach().reshape(-1)
         remainders = None if m == 1 else self.remainder_storage(flat.numel(), m, flat.device)
-        ok = torch.ones((), dtype=torch.bool, device=flat.device)
-        for start, part in _chunks(flat.numel()):
-            quantised, within = self._quantised(values[part])
-            flat[part].add_(quantised)
-            ok = ok & within
-            del quantised
+        ok = self._in_range(values)
+        for start, part in _chunks(flat.numel(), self.max_chunks):
+            flat[part].add_(self._quantised(values[part]))
             if m > 1:
                 kept = flat_x[part] & (m - 1) if m & (m - 1) == 0 else torch.remainder(flat_x[part], m)
                 self._put_remainders(remainders, start, kept, m)
@@ -262,21 +289,18 @@ class ExactCoupling:
 
     def split(self, y: Stream, block_out: torch.Tensor, factor: float, remainders) -> Stream:
         """Consumes y: x = m * (y - q(block_out)) + (x mod m) is computed in place in y's state (one int64 stream
-        less alive in backward), by chunks (chunk_size; no temporary of a whole stream).
+        less alive in backward), by chunks (chunk_size; no temporary larger than a chunk).
 
         The value is left undecoded (value_of decodes it when a block needs it).
         """
         m = self.divisor(factor)
         state = y.state
         flat, values = state.view(-1), block_out.detach().reshape(-1)
-        ok = torch.ones((), dtype=torch.bool, device=flat.device)
-        for start, part in _chunks(flat.numel()):
-            quantised, within = self._quantised(values[part])
-            chunk = flat[part].sub_(quantised)
-            ok = ok & within
-            del quantised
-            if m > 1:
-                chunk.mul_(m).add_(self._get_remainders(remainders, start, chunk, m))
+        ok = self._in_range(values)
+        for start, part in _chunks(flat.numel(), self.max_chunks):
+            chunk = flat[part].sub_(self._quantised(values[part]))
+            if m > 1:  # m * chunk + remainder, in one pass
+                torch.add(self._get_remainders(remainders, start, chunk, m), chunk, alpha=m, out=chunk)
         # Poisoned when the recomputed block output was not finite or out of range (the forward's was not, or
         # backward would not check): the checksum then fails, and the error can say why (value_of).
         return Stream(None, state, _nan_unless(ok))
@@ -306,31 +330,45 @@ class ExactCoupling:
         (about 2^-64 per word). Cost: one multiply and one sum over the state, plus row-sized work.
         """
         flat = stream.state.reshape(-1)
-        a = _odd_words(key, CHECKSUM_ROW, flat.device)
-        sums = []  # by chunks of whole rows (chunks are multiples of CHECKSUM_ROW): no int64 product of the state
-        for _, part in _chunks(flat.numel()):
+        count = -(-flat.numel() // CHECKSUM_ROW)  # rows; the last may be short
+        words = _odd_words(key, CHECKSUM_ROW + 2 * count, flat.device)  # a, then b: one draw
+        a, b = words[:CHECKSUM_ROW], words[CHECKSUM_ROW:].view(2, count)
+        row_sums = torch.empty(count, dtype=torch.int64, device=flat.device)
+        row = 0  # by chunks of whole rows (chunks are multiples of CHECKSUM_ROW): no int64 product of the state
+        for _, part in _chunks(flat.numel(), self.max_chunks):
             chunk = flat[part]
             rows, tail = divmod(chunk.numel(), CHECKSUM_ROW)
-            sums.append((chunk[: rows * CHECKSUM_ROW].view(rows, CHECKSUM_ROW) * a).sum(dim=1))
+            torch.sum(chunk[: rows * CHECKSUM_ROW].view(rows, CHECKSUM_ROW) * a, dim=1, out=row_sums[row: row + rows])
+            row += rows
             if tail:
-                sums.append((chunk[rows * CHECKSUM_ROW:] * a[:tail]).sum().view(1))
-        row_sums = torch.cat(sums)
-        b = _odd_words(key + 1, 2 * row_sums.numel(), flat.device).view(2, -1)
+                torch.sum(chunk[rows * CHECKSUM_ROW:] * a[:tail], dim=0, keepdim=True, out=row_sums[row: row + 1])
         return (b * row_sums).sum(dim=1)
 
 
-# Elements the exact arithmetic works on at a time (decode, combine, split, checksum): a float64 or int64
-# temporary of a chunk is 2 MiB. A multiple of 8 (remainder packing) and of CHECKSUM_ROW.
+# The least elements the exact arithmetic works on at a time (decode, combine, split, checksum; chunk_size): a
+# float64 or int64 temporary of a chunk is at least 2 MiB. A multiple of 8 (remainder packing) and of CHECKSUM_ROW.
 CHUNK = 2 ** 18
-MAX_CHUNKS = 8
 # Row length of the checksum's weight table (coupling.ExactCoupling.checksum).
 CHECKSUM_ROW = 1024
 _GOLDEN, _MIX1, _MIX2 = (c - 2 ** 64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
 def _odd_words(key: int, count: int, device) -> torch.Tensor:
-    """`count` pseudo-random odd int64 words from `key` (splitmix64 finaliser on the device; int64 wraps)."""
-    z = (torch.arange(count, device=device, dtype=torch.int64) + (key % 2 ** 62)) * _GOLDEN
-    z = (z ^ (z >> 30)) * _MIX1
-    z = (z ^ (z >> 27)) * _MIX2
-    return (z ^ (z >> 31)) | 1
+    """`count` pseudo-random odd int64 words from `key`: the first `count` words of a fixed table (a splitmix64-
+    style finaliser of 0, 1, 2, ... on the device; int64 wraps), XORed with a splitmix64 word of `key` whose lowest
+    bit is cleared, so they stay odd. The table is built once per device (grown to a power of two when a longer
+    one is needed): a call is one kernel, not a dozen."""
+    table = _WORD_TABLES.get(str(device))
+    if table is None or table.numel() < count:
+        z = torch.arange(1 << max(count - 1, 1023).bit_length(), device=device, dtype=torch.int64) * _GOLDEN
+        z = (z ^ (z >> 30)) * _MIX1
+        z = (z ^ (z >> 27)) * _MIX2
+        table = _WORD_TABLES[str(device)] = (z ^ (z >> 31)) | 1
+    z = (key * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) % 2 ** 64  # splitmix64 of the key, on the host
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    mask = (z ^ (z >> 31)) & ~1
+    return table[:count] ^ (mask - 2 ** 64 if mask >= 2 ** 63 else mask)
+
+
+_WORD_TABLES: dict = {}

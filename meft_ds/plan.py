@@ -198,7 +198,8 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       the batch is sliced. Stream arithmetic (the forward's combine, backward's split): two more int64 states
       (a layer's outputs beside its inputs), 5 stream-dtype values (decoders: 2 compute-dtype tensors more,
       the embeddings their forward keeps alive) and one int64 and one stream-dtype temporary of at most
-      chunk_size(h) elements (coupling.py). With the batch sliced, this phase is the peak at small widths.
+      chunk_size(h, 2 * batch_chunks) elements (coupling.py). With the batch sliced, this phase is the peak at
+      small widths.
     - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
       2 FFN-sized tensors).
     - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one
@@ -219,13 +220,14 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         saved = 2 * INT64 * h + trained_layers * remainder_bytes(h, meft) + mask
         # F and G run on slices of the batch (MEFTConfig.batch_chunks): the recomputed block's tensors are the
         # largest slice's; its output and input gradient are assembled in whole-batch tensors (2 more).
-        slices = len(batch_slices(micro_batch, meft.batch_chunks if batch_chunks is None else batch_chunks))
+        chunks = meft.batch_chunks if batch_chunks is None else batch_chunks
+        slices = len(batch_slices(micro_batch, chunks))
         part = math.ceil(micro_batch / slices) / micro_batch
         whole = 6 if slices == 1 else 8
         working = max(whole * s * h + part * (13 * c * h + c * mask),
                       whole * s * h + part * (3 * c * h + 3 * c * f),
                       2 * INT64 * h + 5 * s * h + (2 * c * h if shape.model_type in DECODER_ONLY else 0)
-                      + (INT64 + s) * min(h, chunk_size(h)))
+                      + (INT64 + s) * min(h, chunk_size(h, 2 * chunks)))
     elif method == "lora_gc":
         saved = trained_layers * c * h + mask
         working = 12 * c * h + 2 * c * f + c * mask

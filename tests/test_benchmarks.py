@@ -168,3 +168,7 @@ def test_profile_step_prints_a_profile_per_method():
         line = next(x for x in done.stdout.splitlines() if x.startswith(f"== {method}: wall "))
         assert float(line.split("wall ")[1].split(" ms")[0]) > 0
     assert "Self CPU time total" in done.stdout
+    ops = {m: int(next(x for x in done.stdout.splitlines() if x.startswith(f"== {m}: compute ops ")).split()[4])
+           for m in ("lora_gc", "meft1_exact")}
+    assert 0 < ops["lora_gc"] < ops["meft1_exact"], ops  # the exact stream arithmetic adds ops of its own
+    assert "meft_ds/coupling.py:" in done.stdout  # ... and they are attributed to its source lines

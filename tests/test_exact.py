@@ -218,21 +218,20 @@ def test_decode_by_chunks_gives_the_one_pass_float64_values(value_dtype, state_d
 
 @pytest.mark.parametrize("m", [1, 2, 3, 10, 16, 200, 1000])
 @pytest.mark.parametrize("state_dtype", [torch.int64, torch.int32])
-@pytest.mark.parametrize("chunks", ["1.5 chunks", "over MAX_CHUNKS chunks"])
+@pytest.mark.parametrize("chunks", ["1.5 chunks", "over max_chunks chunks"])
 def test_combine_and_split_by_chunks_give_the_one_pass_integers(m, state_dtype, chunks):
     """combine and split work chunk_size elements at a time, in place: the new state is floor(x / m) + q(b) of
     one pass over the whole stream, the kept remainders are x mod m (bit-packed, uint8 or int32 by m), the
     checksum equals the one-pass weighted sum, and split gives x back bit for bit; over several chunks and a
     ragged last one (not a multiple of 8), with and without an out-of-range block output. A stream of more than
-    MAX_CHUNKS * CHUNK elements takes larger chunks (at most MAX_CHUNKS passes)."""
-    from meft_ds.coupling import (CHECKSUM_ROW, CHUNK, MAX_CHUNKS, ExactCoupling, Stream, _odd_words, chunk_size,
-                                  unpack_remainders)
+    max_chunks * CHUNK elements takes larger chunks (at most max_chunks passes)."""
+    from meft_ds.coupling import CHECKSUM_ROW, CHUNK, ExactCoupling, Stream, _odd_words, chunk_size, unpack_remainders
 
-    frac_bits = 16 if state_dtype == torch.int32 else 32
-    coupling = ExactCoupling(torch.float32, frac_bits, state_dtype)
-    shape = (3, CHUNK // 2 + 5) if chunks == "1.5 chunks" else (MAX_CHUNKS + 1, CHUNK + 5)
-    size = chunk_size(shape[0] * shape[1])
-    assert size % CHUNK == 0 and -(-shape[0] * shape[1] // size) <= MAX_CHUNKS and (size > CHUNK) == (shape[0] > 3)
+    frac_bits, max_chunks = 16 if state_dtype == torch.int32 else 32, 4
+    coupling = ExactCoupling(torch.float32, frac_bits, state_dtype, max_chunks)
+    shape = (3, CHUNK // 2 + 5) if chunks == "1.5 chunks" else (max_chunks + 1, CHUNK + 5)
+    size = chunk_size(shape[0] * shape[1], max_chunks)
+    assert size % CHUNK == 0 and -(-shape[0] * shape[1] // size) <= max_chunks and (size > CHUNK) == (shape[0] > 3)
     high = 2 ** 28 if state_dtype == torch.int32 else 2 ** 58
     x_state = torch.randint(-high, high, shape, dtype=torch.int64).to(state_dtype)
     x = Stream(coupling.decode(x_state), x_state)
@@ -249,9 +248,11 @@ def test_combine_and_split_by_chunks_give_the_one_pass_integers(m, state_dtype, 
         assert torch.equal(kept.long().view(shape), torch.remainder(x_state.long(), m))
         assert remainders.nbytes == ExactCoupling.remainder_storage(x_state.numel(), m, "meta").nbytes
     flat = y.state.reshape(-1).long()
-    weights = _odd_words(7, CHECKSUM_ROW, "cpu").repeat(-(-flat.numel() // CHECKSUM_ROW))[: flat.numel()]
+    rows = -(-flat.numel() // CHECKSUM_ROW)
+    words = _odd_words(7, CHECKSUM_ROW + 2 * rows, "cpu")  # a (the column weights), then b (two per row)
+    weights = words[:CHECKSUM_ROW].repeat(rows)[: flat.numel()]
     row_sums = torch.stack([part.sum() for part in (flat * weights).split(CHECKSUM_ROW)])
-    expected_checksum = (_odd_words(8, 2 * row_sums.numel(), "cpu").view(2, -1) * row_sums).sum(dim=1)
+    expected_checksum = (words[CHECKSUM_ROW:].view(2, -1) * row_sums).sum(dim=1)
     assert torch.equal(coupling.checksum(y, 7), expected_checksum)
     rebuilt = coupling.split(Stream(None, y.state.clone()), block_out, 1.0 / m, remainders)
     assert torch.equal(rebuilt.state, x_state) and rebuilt.poison.item() == 0.0
@@ -259,6 +260,62 @@ def test_combine_and_split_by_chunks_give_the_one_pass_integers(m, state_dtype, 
     outside.view(-1)[-1] = float("inf")  # in the last chunk: the flag must survive the chunks before it
     assert coupling.combine(x, outside, 1.0 / m)[0].value.isnan().all()
     assert coupling.split(Stream(None, y.state.clone()), outside, 1.0 / m, remainders).poison.isnan()
+
+
+@pytest.mark.parametrize("m", [10, 8])
+def test_exact_arithmetic_ops_per_chunk(m):
+    """The exact arithmetic's ops grow with the number of chunks by a fixed budget per chunk (on a GPU each op is a
+    kernel launch, and the reversible step is launch-bound there: docs/benchmarks.md): combine 10 (quantise 3, add,
+    remainder, pack 3, decode 2), split 9 (quantise 3, subtract, unpack 4, multiply-add), checksum 2. The range
+    checks and the checksum's weights are per tensor, not per chunk; the weights are one kernel (test below).
+    Counted at 4 and 8 chunks."""
+    from benchmarks.profile_step import OpCounter
+    from meft_ds.coupling import CHUNK, ExactCoupling, Stream, chunk_size
+
+    coupling = ExactCoupling(torch.bfloat16, 30, max_chunks=8)
+    counts = {}
+    for chunks in (4, 8):
+        assert chunk_size(chunks * CHUNK, 8) == CHUNK
+        x_state = torch.randint(-2 ** 40, 2 ** 40, (chunks, CHUNK), dtype=torch.int64)
+        x, block_out = Stream(coupling.decode(x_state), x_state), torch.randn(chunks, CHUNK, dtype=torch.bfloat16)
+        with OpCounter() as combined:
+            y, remainders = coupling.combine(x, block_out, 1.0 / m)
+        coupling.checksum(y, 2)  # builds the checksum's weight table for this size (once per device and size)
+        with OpCounter() as summed:
+            coupling.checksum(y, 3)
+        with OpCounter() as split:
+            rebuilt = coupling.split(Stream(None, y.state), block_out, 1.0 / m, remainders)
+        assert torch.equal(rebuilt.state, x_state)
+        counts[chunks] = (combined.total, split.total, summed.total)
+    per_chunk = [(b - a) / 4 for a, b in zip(counts[4], counts[8])]
+    assert per_chunk[0] <= 10 and per_chunk[1] <= 9 and per_chunk[2] <= 2, (per_chunk, counts)
+
+
+def test_checksum_weights_are_odd_keyed_and_one_kernel():
+    """The checksum's weights (_odd_words): odd (so any single changed element shows), different for every key,
+    the same words whatever table size was built before (a prefix of a longer draw), and one op per call once the
+    device's table is long enough."""
+    from benchmarks.profile_step import OpCounter
+    from meft_ds import coupling
+
+    coupling._WORD_TABLES.clear()
+    short = coupling._odd_words(5, 3000, "cpu")  # builds a table of 4096 words
+    long = coupling._odd_words(5, 9000, "cpu")  # grows it to 16384
+    assert torch.equal(long[:3000], short) and bool((long & 1).all())
+    with OpCounter() as counted:
+        other = coupling._odd_words(6, 9000, "cpu")
+    assert counted.total == 1 and bool((other & 1).all())
+    assert (other == long).float().mean() < 0.01 and long.unique().numel() == 9000
+    assert not torch.equal(coupling._odd_words(-5, 8, "cpu"), coupling._odd_words(5, 8, "cpu"))
+
+
+@pytest.mark.parametrize("batch_chunks", [1, 3])
+def test_stream_arithmetic_takes_two_passes_per_batch_slice(batch_chunks):
+    """make_reversible gives the exact arithmetic 2 passes per batch slice (larger chunks, fewer kernel launches,
+    where the batch is whole; docs/benchmarks.md section 0 measures that its peak does not grow)."""
+    model = exact_model("opt", tf.OPTForCausalLM, "meft1", 2, torch.float32, batch_chunks=batch_chunks)
+    stacks = [m for m in model.modules() if isinstance(m, MEFTStack)]
+    assert stacks and all(s.coupling_for(torch.float32).max_chunks == 2 * batch_chunks for s in stacks)
 
 
 @pytest.mark.parametrize("lam", [0.125, 0.1])
