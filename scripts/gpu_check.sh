@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]                # OUT_DIR defaults to $OUT, else output/gpu_check
 #   DEVICE=cpu SMOKE=1 bash scripts/gpu_check.sh DIR   # the same code path on this CPU with tiny shapes
 #
-# Sections, in this order (peak_memory and step_time run right after exact_sdpa) (each writes DIR/<section>.json and .log; DIR/summary.md gets one entry appended
+# Sections, in this order (peak_memory, step_time and profile run right after exact_sdpa) (each writes DIR/<section>.json and .log; DIR/summary.md gets one entry appended
 # as each section ends, so a run cut off midway still reports what it finished):
 #   exact_sdpa       scripts/exact_cuda_check.py: MEFT1 exact arithmetic, bf16, small random OPT and LLaMA,
 #                    reversible vs vanilla gradients bit-identical under no pin and under each SDPA backend
@@ -21,6 +21,8 @@
 #                    OPT-1.3B shape, 4 x 512 tokens, bf16;
 #   step_time        benchmarks.bench_memory: step time (wall clock, synchronised) and CUDA peak of the same
 #                    methods, RoBERTa-base shape, 12 layers, 32 x 128 tokens, fp32;
+#   profile          benchmarks.profile_step: kernels launched, kernel time and wall time of one step, LoRA + GC vs
+#                    MEFT (the default and 4 batch slices), 4 layers at OPT-1.3B widths, 4 x 512, bf16;
 #   launch_<preset>  (skipped where the offline MiniLM is not installed) launch/train.py on the offline MiniLM
 #                    and the SST-2 sample, MEFT, 1 GPU: zero2_bf16 and
 #                    the fp16 presets zero2_fp16, zero3_fp16 (dynamic loss scaling; ZeRO-1 runs the same
@@ -66,11 +68,13 @@ if [ "$SMOKE" = 1 ]; then
   LAUNCH_STEPS=6; OPT_LAYERS=${OPT_LAYERS:-2}; OPT_TINY=1
   LIMIT_SCALE=3  # a shared 2-core CPU is slower than the GPU the section limits are set for
   PEAK=(--shape tiny-opt --layers 4 --batch_size 2 --seq_len 32)
+  PROFILE=(--shape tiny-opt --layers 2 --batch_size 2 --seq_len 32)
   STEP=(--shape tiny-roberta --layers 2 --batch_size 4 --seq_len 32)
 else
   LAUNCH_SIZE=(--per_device_train_batch_size 32)
   LAUNCH_STEPS=60; OPT_LAYERS=${OPT_LAYERS:-24}; OPT_TINY=0; LIMIT_SCALE=1
   PEAK=(--shape opt-1.3b --batch_size 4 --seq_len 512 --dtype bfloat16)
+  PROFILE=(--shape opt-1.3b --layers 4 --batch_size 4 --seq_len 512)
   STEP=(--shape roberta-base --layers 12 --batch_size 32 --seq_len 128)
 fi
 
@@ -186,6 +190,10 @@ step_json() {
 POST=step_json section step_time 120 "$PYTHON" -m benchmarks.bench_memory --device "$DEVICE" "${STEP[@]}" \
   --sections peak,timing --methods lora,lora_gc,meft1_exact,meft1_exact_chunks4 --frozen_methods "" \
   --frozen_fraction 0 --timing_rounds 5 --peak_steps 2 --peak_in_process --keep_going --out_dir "$OUT_DIR/step_time"
+
+# (6) where a step's time goes: kernel launches (the exact arithmetic's step is launch-bound on a GPU).
+section profile 90 "$PYTHON" -m benchmarks.profile_step --device "$DEVICE" "${PROFILE[@]}" \
+  --methods lora_gc,meft1_exact,meft1_exact_chunks4 --json "$OUT_DIR/profile.json"
 
 # (1) fp16 loss scaling on an overflow inside a reversible layer.
 if [ "$FP16" = 1 ]; then
