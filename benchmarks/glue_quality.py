@@ -49,7 +49,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # The full GLUE files (standard GLUE TSV layout, one folder per task: RTE/, SST-2/) live outside the repo:
-# point GLUE_DIR at them. Only the SST-2 sample in data/sst2 ships with the repository.
+# point GLUE_DIR at them. Samples of SST-2 and RTE (data/sst2, data/rte: full dev sets, a few train lines) ship with
+# the repository.
 GLUE = Path(os.environ.get("GLUE_DIR", "glue"))
 
 # method name in the table -> launcher flags

@@ -27,7 +27,8 @@ Methods (`METHODS`), all training the task head:
                   reversible backward. (The default was 4 for a few hours on 2026-11-30: in the JSON files of
                   those runs, meft1_exact, meft1 and meft3 without a suffix ran with 4 slices.)
 - meft1_exact_int32, meft1_exact_bf16_int32: meft1_exact and meft1_exact_bf16 with int32 states
-                  (MEFTConfig.state_dtype="int32", frac_bits=16).
+                  (MEFTConfig.state_dtype="int32", frac_bits=16); meft1_exact_int32_chunks8: int32 states and 8
+                  batch slices (the least memory the options give).
 Any method can also run with the lowest `num_frozen_layers` layers frozen (label suffix `+frozenK`):
 - MEFT: MEFTConfig.num_frozen_layers (original layers run under no_grad);
 - LoRA: no LoRA in those layers (`layers_to_transform`). Their weights are frozen and so is the
@@ -116,7 +117,8 @@ METHODS = ("full", "lora", "lora_gc", "lora_gc_naive", "meft1_vanilla", "meft2_v
            "meft1", "meft2", "meft3") + (("meft1_exact", "meft2_exact", "meft3_exact", "meft1_exact_one_stage",
                                           "meft1_exact_bf16", "meft1_exact_fp32", "meft1_exact_int32",
                                           "meft1_exact_bf16_int32", "meft1_exact_chunks1", "meft1_exact_chunks2",
-                                          "meft1_exact_chunks4", "meft1_exact_chunks8", "meft1_chunks1", "meft1_chunks4",
+                                          "meft1_exact_chunks4", "meft1_exact_chunks8", "meft1_exact_int32_chunks8",
+                                          "meft1_chunks1", "meft1_chunks4",
                                           "meft3_chunks1", "meft3_chunks4")
                                          if HAS_EXACT else ())
 DEFAULT_METHODS = ("full", "lora", "lora_gc", "meft1_vanilla", "meft1", "meft2", "meft3") + (
@@ -241,6 +243,7 @@ def build_method(model: nn.Module, method: Method) -> nn.Module:
                "exact_bf16_int32": dict(stream_dtype="bfloat16", state_dtype="int32", frac_bits=16),
                "exact_chunks1": dict(batch_chunks=1), "exact_chunks2": dict(batch_chunks=2),
                "exact_chunks4": dict(batch_chunks=4), "exact_chunks8": dict(batch_chunks=8),
+               "exact_int32_chunks8": dict(state_dtype="int32", frac_bits=16, batch_chunks=8),
                "chunks1": dict(batch_chunks=1), "chunks4": dict(batch_chunks=4)}[suffix]
     if HAS_EXACT:  # pinned: the core's default arithmetic may change
         options["stream_arithmetic"] = "exact" if suffix.startswith("exact") else "float"
