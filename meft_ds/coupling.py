@@ -45,16 +45,22 @@ def _remainder_bits(m: int) -> int:
     return (m - 1).bit_length()
 
 
+def _constant(key: tuple, device, build, length: int = 0) -> torch.Tensor:
+    """`build(device)`, made once per (key, device) and kept, so the arithmetic, which needs these constants on
+    every call, launches no kernels to remake them; remade when shorter than `length`."""
+    slot = (key, str(device))
+    table = _CONSTANTS.get(slot)
+    if table is None or table.numel() < length:
+        table = _CONSTANTS[slot] = build(device)
+    return table
+
+
+_CONSTANTS: dict = {}
+
+
 def _field_shifts(bits: int, device) -> torch.Tensor:
-    """(0, bits, 2 * bits, ..., 7 * bits) as int64 on `device`: where each of 8 remainders sits in a packed word.
-    Cached, so packing launches no arange (a kernel on a GPU) per call."""
-    key = (bits, str(device))
-    if key not in _FIELD_SHIFTS:
-        _FIELD_SHIFTS[key] = torch.arange(8, device=device, dtype=torch.int64) * bits
-    return _FIELD_SHIFTS[key]
-
-
-_FIELD_SHIFTS: dict = {}
+    """(0, bits, 2 * bits, ..., 7 * bits) as int64 on `device`: where each of 8 remainders sits in a packed word."""
+    return _constant(("field_shifts", bits), device, lambda d: torch.arange(8, device=d, dtype=torch.int64) * bits)
 if sys.byteorder != "little":  # the packing reads an int64 word's low bytes through a uint8 view of it
     raise ImportError("meft_ds.coupling packs remainders through little-endian byte views; this machine is big-endian")
 
@@ -358,17 +364,15 @@ def _odd_words(key: int, count: int, device) -> torch.Tensor:
     style finaliser of 0, 1, 2, ... on the device; int64 wraps), XORed with a splitmix64 word of `key` whose lowest
     bit is cleared, so they stay odd. The table is built once per device (grown to a power of two when a longer
     one is needed): a call is one kernel, not a dozen."""
-    table = _WORD_TABLES.get(str(device))
-    if table is None or table.numel() < count:
+    def build(device):
         z = torch.arange(1 << max(count - 1, 1023).bit_length(), device=device, dtype=torch.int64) * _GOLDEN
         z = (z ^ (z >> 30)) * _MIX1
         z = (z ^ (z >> 27)) * _MIX2
-        table = _WORD_TABLES[str(device)] = (z ^ (z >> 31)) | 1
+        return (z ^ (z >> 31)) | 1
+
+    table = _constant(("odd_words",), device, build, length=count)
     z = (key * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) % 2 ** 64  # splitmix64 of the key, on the host
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
     mask = (z ^ (z >> 31)) & ~1
     return table[:count] ^ (mask - 2 ** 64 if mask >= 2 ** 63 else mask)
-
-
-_WORD_TABLES: dict = {}

@@ -298,7 +298,7 @@ def test_checksum_weights_are_odd_keyed_and_one_kernel():
     from benchmarks.profile_step import OpCounter
     from meft_ds import coupling
 
-    coupling._WORD_TABLES.clear()
+    coupling._CONSTANTS.clear()
     short = coupling._odd_words(5, 3000, "cpu")  # builds a table of 4096 words
     long = coupling._odd_words(5, 9000, "cpu")  # grows it to 16384
     assert torch.equal(long[:3000], short) and bool((long & 1).all())
