@@ -158,10 +158,10 @@ def test_batch_chunks_lower_the_peak():
     assert peaks[4] < 0.9 * peaks[1], peaks
 
 
-def test_profile_step_prints_a_profile_per_method():
+def test_profile_step_prints_a_profile_per_method(tmp_path):
     """benchmarks/profile_step.py (where a step's time goes; its H200 output is in benchmarks/results) on the CPU."""
     done = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--device", "cpu", "--shape", "tiny-opt",
-                           "--layers", "2", "--batch_size", "2", "--seq_len", "16"],
+                           "--layers", "2", "--batch_size", "2", "--seq_len", "16", "--json", str(tmp_path / "p.json")],
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     for method in ("lora_gc", "meft1_exact"):
@@ -172,3 +172,8 @@ def test_profile_step_prints_a_profile_per_method():
            for m in ("lora_gc", "meft1_exact")}
     assert 0 < ops["lora_gc"] < ops["meft1_exact"], ops  # the exact stream arithmetic adds ops of its own
     assert "meft_ds/coupling.py:" in done.stdout  # ... and they are attributed to its source lines
+    by_file = {m: r["ops_and_host_ms_by_file"] for m, r in json.loads((tmp_path / "p.json").read_text())["methods"].items()}
+    for method, files in by_file.items():  # every counted op is in one file's row, with a time
+        assert sum(n for n, _ in files.values()) == ops[method], (method, files)
+        assert all(ms >= 0 for _, ms in files.values()) and sum(ms for _, ms in files.values()) > 0
+    assert "meft_ds/coupling.py" in by_file["meft1_exact"] and "meft_ds/coupling.py" not in by_file["lora_gc"]
