@@ -106,8 +106,8 @@ class MEFTConfig:
         default=True,
         metadata={"help": "Reversible backward of a block that is a whole pretrained layer (MEFT1's F, MEFT2's G): "
                   "recompute and back-propagate attention and FFN separately, so the attention maps are not alive "
-                  "during the FFN backward. Measured (RoBERTa-base, 8 x 128 tokens, fp32, CPU): peak 21 MiB (19%) "
-                  "lower, step about 13% slower (one more attention forward per layer)."},
+                  "during the FFN backward. Measured (CPU, 12 layers, RoBERTa-base, 8 x 128 tokens, fp32): peak 21 MiB "
+                  "(19%) lower, step about 17% slower (one more attention forward per layer; docs/benchmarks.md)."},
     )
     batch_chunks: int = field(
         default=1,
