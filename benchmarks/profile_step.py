@@ -87,7 +87,8 @@ def main() -> None:
              setups.make_batch(config, args.batch_size, args.seq_len, seed=0, padding=True).items()}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for name in args.methods.split(","):
-        model = setups.build_method(setups.base_model(config, seed=0, dtype=getattr(torch, args.dtype)), setups.Method(name))
+        base = setups.base_model(config, seed=0, dtype=getattr(torch, args.dtype))
+        model = setups.build_method(base, setups.Method(name))
         model = model.to(args.device).train()
         for _ in range(3):
             model(**batch).loss.backward()
@@ -124,7 +125,7 @@ def main() -> None:
         results[name] = dict(wall_ms=round(wall * 1e3, 2), kernels=kernels, device_kernel_ms=round(device_ms, 2),
                              compute_ops=counter.total,
                              ops_and_host_ms_by_file={f: [n, round(s * 1e3, 2)] for f, (n, s) in files.items()})
-        del model
+        del model, base
         if cuda:
             torch.cuda.empty_cache()
     if args.json:

@@ -61,6 +61,8 @@ _CONSTANTS: dict = {}
 def _field_shifts(bits: int, device) -> torch.Tensor:
     """(0, bits, 2 * bits, ..., 7 * bits) as int64 on `device`: where each of 8 remainders sits in a packed word."""
     return _constant(("field_shifts", bits), device, lambda d: torch.arange(8, device=d, dtype=torch.int64) * bits)
+
+
 if sys.byteorder != "little":  # the packing reads an int64 word's low bytes through a uint8 view of it
     raise ImportError("meft_ds.coupling packs remainders through little-endian byte views; this machine is big-endian")
 

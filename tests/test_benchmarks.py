@@ -172,7 +172,8 @@ def test_profile_step_prints_a_profile_per_method(tmp_path):
            for m in ("lora_gc", "meft1_exact")}
     assert 0 < ops["lora_gc"] < ops["meft1_exact"], ops  # the exact stream arithmetic adds ops of its own
     assert "meft_ds/coupling.py:" in done.stdout  # ... and they are attributed to its source lines
-    by_file = {m: r["ops_and_host_ms_by_file"] for m, r in json.loads((tmp_path / "p.json").read_text())["methods"].items()}
+    methods = json.loads((tmp_path / "p.json").read_text())["methods"]
+    by_file = {m: r["ops_and_host_ms_by_file"] for m, r in methods.items()}
     for method, files in by_file.items():  # every counted op is in one file's row, with a time
         assert sum(n for n, _ in files.values()) == ops[method], (method, files)
         assert all(ms >= 0 for _, ms in files.values()) and sum(ms for _, ms in files.values()) > 0
