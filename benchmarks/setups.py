@@ -16,8 +16,8 @@ Methods (`METHODS`), all training the task head:
 - meft1/2/3_exact: the same with meft_ds's exact fixed-point stream arithmetic (its default): int64
                   streams plus one remainder byte per element per layer and factor < 1, so it grows
                   slowly with depth.
-- meft1_exact_one_stage: meft1_exact with MEFTConfig.split_layer_recompute=False (F, a whole layer,
-                  recomputed in one piece in backward: more memory, less time).
+- meft1_exact_one_stage: meft1_exact with MEFTConfig.split_layer_recompute=False and ffn_chunks=1 (F, a
+                  whole layer, recomputed in one piece in backward: more memory, less time).
 - meft1_exact_bf16: meft1_exact with MEFTConfig.stream_dtype="bfloat16" (decoded stream values and the
                   gradients through the coupling in bf16; the states stay int64). With bf16 weights this is
                   what the default ("auto") does; meft1_exact_fp32 keeps float32 values there (the default
@@ -26,6 +26,9 @@ Methods (`METHODS`), all training the task head:
                   MEFTConfig.batch_chunks=N (default 1): F and G run on N slices of the batch in forward and in the
                   reversible backward. (The default was 4 for a few hours on 2026-11-30: in the JSON files of
                   those runs, meft1_exact, meft1 and meft3 without a suffix ran with 4 slices.)
+- meft1_exact_ffnN (N = 1, 4, 8), meft1_exact_one_stage_ffnN (N = 2, 4): the same with MEFTConfig.ffn_chunks=N
+                  (default 2 since 2026-12-02, 1 before: in older JSON files meft1_exact ran with 1): the FFN
+                  inside F runs on N slices of the tokens, each recomputed and back-propagated before the next.
 - meft1_exact_int32, meft1_exact_bf16_int32: meft1_exact and meft1_exact_bf16 with int32 states
                   (MEFTConfig.state_dtype="int32", frac_bits=16); meft1_exact_int32_chunks8: int32 states and 8
                   batch slices (the least memory the options give).
@@ -119,7 +122,9 @@ METHODS = ("full", "lora", "lora_gc", "lora_gc_naive", "meft1_vanilla", "meft2_v
                                           "meft1_exact_bf16_int32", "meft1_exact_chunks1", "meft1_exact_chunks2",
                                           "meft1_exact_chunks4", "meft1_exact_chunks8", "meft1_exact_int32_chunks8",
                                           "meft1_chunks1", "meft1_chunks4",
-                                          "meft3_chunks1", "meft3_chunks4")
+                                          "meft3_chunks1", "meft3_chunks4", "meft1_exact_ffn1", "meft1_exact_ffn4",
+                                          "meft1_exact_ffn8", "meft1_exact_one_stage_ffn2",
+                                          "meft1_exact_one_stage_ffn4")
                                          if HAS_EXACT else ())
 DEFAULT_METHODS = ("full", "lora", "lora_gc", "meft1_vanilla", "meft1", "meft2", "meft3") + (
     ("meft1_exact",) if HAS_EXACT else ())
@@ -237,14 +242,18 @@ def build_method(model: nn.Module, method: Method) -> nn.Module:
         return model
     variant, _, suffix = method.name.partition("_")
     options = {"vanilla": dict(backward="vanilla"), "exact": {}, "": {},
-               "exact_one_stage": dict(split_layer_recompute=False), "exact_bf16": dict(stream_dtype="bfloat16"),
+               "exact_one_stage": dict(split_layer_recompute=False, ffn_chunks=1),
+               "exact_bf16": dict(stream_dtype="bfloat16"),
                "exact_fp32": dict(stream_dtype="float32"),
                "exact_int32": dict(state_dtype="int32", frac_bits=16),
                "exact_bf16_int32": dict(stream_dtype="bfloat16", state_dtype="int32", frac_bits=16),
                "exact_chunks1": dict(batch_chunks=1), "exact_chunks2": dict(batch_chunks=2),
                "exact_chunks4": dict(batch_chunks=4), "exact_chunks8": dict(batch_chunks=8),
                "exact_int32_chunks8": dict(state_dtype="int32", frac_bits=16, batch_chunks=8),
-               "chunks1": dict(batch_chunks=1), "chunks4": dict(batch_chunks=4)}[suffix]
+               "chunks1": dict(batch_chunks=1), "chunks4": dict(batch_chunks=4),
+               "exact_ffn1": dict(ffn_chunks=1), "exact_ffn4": dict(ffn_chunks=4), "exact_ffn8": dict(ffn_chunks=8),
+               "exact_one_stage_ffn2": dict(split_layer_recompute=False, ffn_chunks=2),
+               "exact_one_stage_ffn4": dict(split_layer_recompute=False, ffn_chunks=4)}[suffix]
     if HAS_EXACT:  # pinned: the core's default arithmetic may change
         options["stream_arithmetic"] = "exact" if suffix.startswith("exact") else "float"
     config = MEFTConfig(variant=variant, adapter_dim=ADAPTER_DIM, num_frozen_layers=frozen, **options)

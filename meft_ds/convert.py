@@ -21,14 +21,20 @@ class _Block:
 
     kind: "layer" (attention then FFN with parallel adapter), "attention" (with the serial adapter that
     sits inside its output projection), "ffn" (with parallel adapter), "adapter" (stand-alone adapter).
+    A block that contains the FFN has `parts` = (first, ffn), block = ffn o first (first None for the FFN
+    alone): MEFTLayer runs the FFN, which maps every token on its own, in MEFTConfig.ffn_chunks slices of the
+    tokens, and a whole layer's reversible backward recomputes the attention on its own when `split` is set
+    (MEFTLayer.recompute_backward, MEFTConfig.split_layer_recompute).
     """
 
     def __init__(self, family: Family, kind: str, split_recompute: bool = False):
         self.family, self.kind = family, kind
-        # A whole layer is ffn(attention(h)): with split_recompute, the reversible backward recomputes it in
-        # two stages (MEFTLayer.recompute_backward, MEFTConfig.split_layer_recompute).
-        self.parts = ((_Block(family, "attention"), _Block(family, "ffn"))
-                      if kind == "layer" and split_recompute else None)
+        self.split = kind == "layer" and split_recompute
+        self.parts = None
+        if kind == "layer":
+            self.parts = (_Block(family, "attention"), _Block(family, "ffn"))
+        elif kind == "ffn":
+            self.parts = (None, self)
 
     def __call__(self, owner: MEFTLayer, hidden_states, inputs):
         layer = owner.layer
@@ -67,7 +73,7 @@ def _convert_layer(layer: nn.Module, config: MEFTConfig, model_config, family: F
     standalone = _make_adapter(config, model_config, layer, family) if "adapter" in (f_kind, g_kind) else None
     split = config.split_layer_recompute
     return MEFTLayer(layer, standalone, _Block(family, f_kind, split), _Block(family, g_kind, split),
-                     config.lam, config.beta, switched)
+                     config.lam, config.beta, switched, config.ffn_chunks)
 
 
 def _coupling(config: MEFTConfig, compute_dtype: torch.dtype):

@@ -64,7 +64,7 @@ INT64 = FLOAT64 = 8
 
 # The MEFT settings the activation counts below were measured with (MEFTConfig's defaults when they were).
 MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="auto", state_dtype="int64",
-                              split_layer_recompute=True, num_reversible_layers=None)
+                              split_layer_recompute=True, ffn_chunks=2, num_reversible_layers=None)
 
 
 def _unmeasured(meft_config: dict) -> dict:
@@ -191,11 +191,14 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
     - MEFT (MEASURED_MEFT_DEFAULTS) keeps the two top int64 streams, each reversible layer's packed
       remainders and the mask; its peak is the largest of three phases of one layer's backward:
       attention recompute + backward: 6 stream-dtype tensors (F's input, dy1 + dG/dy1, beta*dy2, F's
-      output, the two gradients autograd hands the Function) + 13 compute-dtype ones (q, k, v, output,
+      output, the two gradients autograd hands the Function) + 12 compute-dtype ones (q, k, v, output,
       their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
-      the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones. The attention and FFN tensors are those
-      of the largest batch slice (MEFTConfig.batch_chunks), plus 2 more whole-batch stream-dtype tensors when
-      the batch is sliced. Stream arithmetic (the forward's combine, backward's split): two more int64 states
+      the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones of the largest token slice
+      (MEFTConfig.ffn_chunks), and with the tokens sliced, 1 stream-dtype and 2 compute-dtype hidden-sized
+      ones of the batch slice (the FFN's output and input gradient assembled, the attention's output).
+      The attention and FFN tensors are those of the largest batch slice (MEFTConfig.batch_chunks), plus 2
+      more whole-batch stream-dtype tensors when the batch is sliced. With the FFN in 2 slices the attention
+      phase is the peak (12 compute-dtype tensors: fitted to the tracker's peak, within 5% on the test shapes). Stream arithmetic (the forward's combine, backward's split): two more int64 states
       (a layer's outputs beside its inputs), 5 stream-dtype values (decoders: 2 compute-dtype tensors more,
       the embeddings their forward keeps alive) and one int64 and one stream-dtype temporary of at most
       chunk_size(h, 2 * batch_chunks) elements (coupling.py). With the batch sliced, this phase is the peak at
@@ -224,8 +227,14 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         slices = len(batch_slices(micro_batch, chunks))
         part = math.ceil(micro_batch / slices) / micro_batch
         whole = 6 if slices == 1 else 8
-        working = max(whole * s * h + part * (13 * c * h + c * mask),
-                      whole * s * h + part * (3 * c * h + 3 * c * f),
+        # The FFN runs on token slices of the batch slice (MEFTConfig.ffn_chunks): its tensors are the largest
+        # token slice's; the attention's output and the FFN's output and input gradient stay whole-slice.
+        sliced_tokens = math.ceil(micro_batch / slices) * max_seq_length
+        pieces = len(batch_slices(sliced_tokens, meft.ffn_chunks))
+        ffn_part = part * math.ceil(sliced_tokens / pieces) / sliced_tokens
+        ffn_whole = part * (s + 2 * c) * h if pieces > 1 else 0
+        working = max(whole * s * h + part * (12 * c * h + c * mask),
+                      whole * s * h + ffn_whole + ffn_part * (3 * c * h + 3 * c * f),
                       2 * INT64 * h + 5 * s * h + (2 * c * h if shape.model_type in DECODER_ONLY else 0)
                       + (INT64 + s) * min(h, chunk_size(h, 2 * chunks)))
     elif method == "lora_gc":

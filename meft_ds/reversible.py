@@ -81,6 +81,11 @@ def batch_slices(batch: int, chunks: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def token_slices(tokens: int, chunks: int) -> list[slice]:
+    """At most `chunks` contiguous slices of `tokens` tokens (the batch's sequences laid end to end)."""
+    return batch_slices(tokens, chunks)
+
+
 def chunk_seed(seed: int | None, index: int) -> int | None:
     """The dropout seed of a batch chunk: the sub-block's own seed for the first (so one chunk draws what an
     unchunked block draws), distinct ones for the others."""
@@ -118,22 +123,46 @@ class MEFTLayer(nn.Module):
     slices of the batch, one after another, in forward and in the reversible backward: every block maps each
     sequence on its own, so only the recomputed slice's graph (attention maps, FFN intermediates) is alive at
     once. Each slice draws dropout from its own seed (chunk_seed), the same in forward and backward.
+
+    A block may say how it is made: `parts` = (first, second), block = second o first, where `second` maps every
+    token on its own (a feed-forward block; `first` None: nothing before it). In training, `second` then runs on
+    `ffn_chunks` slices of the tokens one after another, in forward and in the reversible backward, where each
+    slice is recomputed and back-propagated before the next (`recompute_backward`).
     """
 
     def __init__(self, layer: nn.Module, adapter: nn.Module | None, f: BlockFn, g: BlockFn,
-                 lam: float, beta: float, switched: bool):
+                 lam: float, beta: float, switched: bool, ffn_chunks: int = 1):
         super().__init__()
         self.layer = layer
         self.adapter = adapter
         self.f, self.g = f, g
         self.lam, self.beta, self.switched = lam, beta, switched
+        self.ffn_chunks = ffn_chunks
         # Set by the stack for the exact arithmetic (MEFTStack.first_nonfinite_layer); a 4-element tensor.
         self.record_nonfinite, self.nonfinite_flags = False, None
+
+    def _token_slices(self, value: torch.Tensor) -> list[slice]:
+        return token_slices(value.shape[:-1].numel(), self.ffn_chunks if self.training else 1)
+
+    def _block_forward(self, block: BlockFn, value: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """block(value), its token-wise part slice by slice (see the class docstring)."""
+        parts = getattr(block, "parts", None)
+        if parts is None:
+            return block(self, value, inputs)
+        first, second = parts
+        if first is not None:
+            value = first(self, value, inputs)
+        pieces = self._token_slices(value)
+        if len(pieces) == 1:
+            return second(self, value, inputs)
+        flat = value.reshape(1, -1, value.shape[-1])
+        out = torch.cat([second(self, flat[:, s], inputs) for s in pieces], dim=1)
+        return out.reshape(*value.shape[:-1], out.shape[-1])
 
     def _run_one(self, block: BlockFn, value: torch.Tensor, inputs: dict, seed: int | None,
                  compute_dtype: torch.dtype) -> torch.Tensor:
         with seeded_rng(seed, value.device):
-            out = block(self, value.to(compute_dtype), inputs)
+            out = self._block_forward(block, value.to(compute_dtype), inputs)
         return out.to(value.dtype)
 
     def run_block(self, block: BlockFn, value: torch.Tensor, inputs: dict, seed: int | None,
@@ -192,33 +221,67 @@ class MEFTLayer(nn.Module):
                                 seed: int | None, compute_dtype: torch.dtype):
         """block(value) recomputed with autograd on and back-propagated from `grad`.
 
-        Returns (the block's output, detached; the gradient for `value`). A block with `parts` = (first,
-        second), block = second o first (a whole pretrained layer: attention, then the FFN), is done in two
-        stages so that the first part's graph (the attention maps) is not alive during the second part's
-        backward: first without grad and second with grad and its backward, drawing the forward's random
-        numbers in the forward's order; then first again, with grad, for its own backward. Costs one more
-        forward of the first part; the output is the one the forward computed, bit for bit.
+        Returns (the block's output, detached; the gradient for `value`). A block with `parts` = (first, second)
+        is done part by part, drawing the forward's random numbers in the forward's order: `first`, then
+        `second` slice by slice of the tokens as forward ran it (each slice's graph freed before the next is
+        built), then `first`'s backward. With the block's `split` set (a whole pretrained layer: attention,
+        then the FFN), `first` runs without grad before the FFN and again with grad for its own backward, so
+        that its graph (the attention maps) is not alive during the FFN's backward: one more forward of the
+        attention. The output is the one the forward computed, bit for bit.
         """
         leaf = value.detach().requires_grad_(True)
         parts = getattr(block, "parts", None)
-        if parts is None:
+        split = parts is not None and parts[0] is not None and getattr(block, "split", False)
+        if parts is None or (not split and self.ffn_chunks == 1):  # in one piece: one graph, one backward
             with torch.enable_grad():
                 out = self._run_one(block, leaf, inputs, seed, compute_dtype)
                 torch.autograd.backward(out, grad)
             return out.detach(), leaf.grad
         first, second = parts
         with seeded_rng(seed, value.device):
-            with torch.no_grad():
-                middle = first(self, value.to(compute_dtype), inputs)
+            with torch.set_grad_enabled(not split):  # one stage: first's graph is kept for its backward below
+                middle = leaf.to(compute_dtype)
+                if first is not None:
+                    middle = first(self, middle, inputs)
+            out, middle_grad = self._token_wise_backward(second, middle.detach(), grad, inputs, value.dtype)
+        if split:
+            del middle  # the attention's output, not needed while it is recomputed
+            with seeded_rng(seed, value.device), torch.enable_grad():
+                middle = first(self, leaf.to(compute_dtype), inputs)
+        torch.autograd.backward(middle, middle_grad)
+        return out, leaf.grad
+
+    def _token_wise_backward(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
+                             out_dtype: torch.dtype):
+        """block(value) for a token-wise block, recomputed and back-propagated from `grad` slice by slice of the
+        tokens as `_block_forward` ran it; returns (the output in `out_dtype`, detached; the gradient for `value`).
+        As with batch slices, a trained weight's ds_grad_is_ready is False until its last slice (ZeRO rule 4)."""
+        pieces = self._token_slices(value)
+        if len(pieces) == 1:
+            leaf = value.requires_grad_(True)
             with torch.enable_grad():
-                middle = middle.requires_grad_(True)
-                out = second(self, middle, inputs).to(value.dtype)
+                out = block(self, leaf, inputs).to(out_dtype)
                 torch.autograd.backward(out, grad)
-        middle_grad = middle.grad
-        del middle
-        with seeded_rng(seed, value.device), torch.enable_grad():
-            torch.autograd.backward(first(self, leaf.to(compute_dtype), inputs), middle_grad)
-        return out.detach(), leaf.grad
+            return out.detach(), leaf.grad
+        flat, grad = value.reshape(1, -1, value.shape[-1]), grad.reshape(1, -1, grad.shape[-1])
+        out = torch.empty(grad.shape, dtype=out_dtype, device=grad.device)
+        value_grad = torch.empty_like(flat)
+        trained = [p for p in self.parameters() if p.requires_grad]
+        ready = [getattr(p, "ds_grad_is_ready", True) for p in trained]
+        try:
+            for i, s in enumerate(pieces):
+                for p, was in zip(trained, ready):
+                    p.ds_grad_is_ready = was and i == len(pieces) - 1
+                leaf = flat[:, s].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    piece = block(self, leaf, inputs).to(out_dtype)
+                    torch.autograd.backward(piece, grad[:, s])
+                out[:, s], value_grad[:, s] = piece.detach(), leaf.grad
+                del piece, leaf
+        finally:
+            for p, was in zip(trained, ready):
+                p.ds_grad_is_ready = was
+        return out.reshape(*value.shape[:-1], out.shape[-1]), value_grad.reshape(value.shape)
 
     def backward_step(self, carry: list, remainders, inputs, seeds, compute_dtype, coupling, chunks: int = 1):
         """Rebuild this layer's input from its output and propagate gradients, eqs. (3)-(7).

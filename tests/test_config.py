@@ -25,6 +25,8 @@ from meft_ds import MEFTConfig, make_reversible, set_backward
     (dict(batch_chunks=0), "batch_chunks=0 must be an integer >= 1"),
     (dict(batch_chunks=2.0), "batch_chunks=2.0 must be an integer >= 1"),
     (dict(batch_chunks=True), "batch_chunks=True must be an integer >= 1"),
+    (dict(ffn_chunks=0), "ffn_chunks=0 must be an integer >= 1"),
+    (dict(ffn_chunks=True), "ffn_chunks=True must be an integer >= 1"),
 ])
 def test_invalid_values_raise(kwargs, message):
     with pytest.raises(ValueError) as error:

@@ -149,6 +149,65 @@ def test_reversible_equals_vanilla_with_uneven_batch_chunks(variant):
     assert assert_same_gradients(model, make_batch(model)) >= 3
 
 
+@pytest.mark.parametrize("model_type,head", [MODEL_CASES[0], MODEL_CASES[5], MODEL_CASES[6], MODEL_CASES[8]],
+                         ids=[CASE_IDS[0], CASE_IDS[5], CASE_IDS[6], CASE_IDS[8]])
+def test_ffn_chunks_compute_the_same_function(model_type, head):
+    """Without dropout the FFN in 4 token slices (uneven, 6 and 7 tokens: the padded batch's tokens laid end to
+    end; MEFT3's G is the FFN alone, MEFT1's F a whole layer, in one and in two stages) is the same function:
+    loss and every gradient equal the unsliced ones in float64."""
+    for variant, split in (("meft1", True), ("meft1", False), ("meft3", True)):
+        results = {}
+        for chunks in (1, 4):
+            model = build(model_type, head, **NO_DROPOUT[model_type])
+            torch.manual_seed(1)
+            make_reversible(model, MEFTConfig(variant=variant, stream_dtype="float64", num_frozen_layers=0,
+                                              split_layer_recompute=split, ffn_chunks=chunks))
+            for stack in model.modules():
+                if isinstance(stack, MEFTStack):
+                    stack.mix.data.fill_(0.3)
+            results[chunks] = embedding_grad_step(model, make_batch(model), "reversible")
+        (loss_1, grads_1), (loss_3, grads_3) = results[1], results[4]
+        assert rel_err(loss_3, loss_1) < 1e-12, variant
+        assert grads_1.keys() == grads_3.keys() and len(grads_1) >= 3
+        for name, ref in grads_1.items():
+            assert ref is not None and ref.abs().sum() > 0, name
+            assert rel_err(grads_3[name], ref) < 1e-10, (variant, split, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("split", [True, False])
+def test_reversible_equals_vanilla_with_ffn_chunks(variant, split):
+    """Dropout on, the FFN in 3 token slices (with 2 batch slices too): the reversible backward redraws every
+    token slice's masks in the forward's order."""
+    model = build("opt", MODEL_CASES[6][1])
+    make_reversible(model, MEFTConfig(variant=variant, stream_dtype="float64", adapter_dropout=0.1,
+                                      num_frozen_layers=0, split_layer_recompute=split, ffn_chunks=3,
+                                      batch_chunks=2 if split else 1))
+    assert assert_same_gradients(model, make_batch(model)) >= 3
+
+
+def test_ffn_chunks_run_the_ffn_slice_by_slice():
+    """The slicing is real: in training every FFN call (forward and reversible backward) sees a quarter of the
+    tokens (6 or 7 of 27 with 4 slices); in evaluation all of them."""
+    model = build("opt", MODEL_CASES[6][1], **NO_DROPOUT["opt"])
+    make_reversible(model, MEFTConfig(variant="meft1", stream_dtype="float64", num_frozen_layers=0, ffn_chunks=4))
+    batch = make_batch(model)
+    tokens = batch["input_ids"].numel()
+    seen = []
+    fc1 = [m.fc1 for m in model.modules() if hasattr(m, "fc1")]
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[:-1].numel())) for m in fc1]
+    model.train()
+    model(**batch).loss.backward()
+    assert seen and set(seen) == {tokens // 4, tokens // 4 + 1} and sum(seen) == 2 * tokens * len(fc1)
+    seen.clear()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    assert seen == [tokens] * len(fc1)
+    for h in hooks:
+        h.remove()
+
+
 def test_batch_slices_and_what_each_slice_reads():
     from meft_ds.reversible import batch_slices, chunk_seed, slice_inputs
 

@@ -74,6 +74,18 @@ def test_activation_peak_matches_the_tracker(case):
     assert abs(predicted - measured) <= TOLERANCE * measured
 
 
+def test_ffn_chunks_lower_the_peak():
+    """The default's FFN in 2 token slices (MEFTConfig.ffn_chunks) lowers the measured peak below 1 slice's, which the
+    planner's phase counts assume: at FFN width 4x hidden the unsliced FFN recompute was the peak."""
+    config = _config("opt", 4, 1024)
+    peaks = {}
+    for method in ("meft1_exact_ffn1", "meft1_exact"):
+        model = setups.build_method(setups.base_model(config, seed=0), setups.Method(method))
+        assert {m.ffn_chunks for m in model.modules() if hasattr(m, "ffn_chunks")} == {1 if "ffn1" in method else 2}
+        peaks[method] = _measured_activations(model, setups.make_batch(config, BATCH, SEQ, seed=0, padding=True))
+    assert peaks["meft1_exact"] < 0.92 * peaks["meft1_exact_ffn1"], peaks
+
+
 @pytest.mark.slow  # about 15 s and 1 GiB each: two layers of OPT-1.3B's widths
 @pytest.mark.parametrize("method,precision", [("meft1_exact", "fp32"), ("lora_gc", "fp32"), ("meft1_exact", "bf16")])
 def test_activation_peak_at_opt_1_3b_widths(method, precision):
