@@ -125,9 +125,9 @@ class MEFTLayer(nn.Module):
     once. Each slice draws dropout from its own seed (chunk_seed), the same in forward and backward.
 
     A block may say how it is made: `parts` = (first, second), block = second o first, where `second` maps every
-    token on its own (a feed-forward block; `first` None: nothing before it). In training, `second` then runs on
-    `ffn_chunks` slices of the tokens one after another, in forward and in the reversible backward, where each
-    slice is recomputed and back-propagated before the next (`recompute_backward`).
+    token on its own (a feed-forward block; `first` None: nothing before it). `second` then runs on `ffn_chunks`
+    slices of the tokens one after another, in forward (evaluation too) and in the reversible backward, where
+    each slice is recomputed and back-propagated before the next (`recompute_backward`).
     """
 
     def __init__(self, layer: nn.Module, adapter: nn.Module | None, f: BlockFn, g: BlockFn,
@@ -142,7 +142,9 @@ class MEFTLayer(nn.Module):
         self.record_nonfinite, self.nonfinite_flags = False, None
 
     def _token_slices(self, value: torch.Tensor) -> list[slice]:
-        return token_slices(value.shape[:-1].numel(), self.ffn_chunks if self.training else 1)
+        # In evaluation too: the modules then run in the order of training's forward, which DeepSpeed ZeRO-3 has
+        # recorded as its prefetch plan (a different order at evaluation makes it discard that plan).
+        return token_slices(value.shape[:-1].numel(), self.ffn_chunks)
 
     def _block_forward(self, block: BlockFn, value: torch.Tensor, inputs: dict) -> torch.Tensor:
         """block(value), its token-wise part slice by slice (see the class docstring)."""

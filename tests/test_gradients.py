@@ -188,7 +188,8 @@ def test_reversible_equals_vanilla_with_ffn_chunks(variant, split):
 
 def test_ffn_chunks_run_the_ffn_slice_by_slice():
     """The slicing is real: in training every FFN call (forward and reversible backward) sees a quarter of the
-    tokens (6 or 7 of 27 with 4 slices); in evaluation all of them."""
+    tokens (6 or 7 of 27 with 4 slices); in evaluation too (once per slice: training's forward order, which
+    ZeRO-3 records as its prefetch order)."""
     model = build("opt", MODEL_CASES[6][1], **NO_DROPOUT["opt"])
     make_reversible(model, MEFTConfig(variant="meft1", stream_dtype="float64", num_frozen_layers=0, ffn_chunks=4))
     batch = make_batch(model)
@@ -203,7 +204,7 @@ def test_ffn_chunks_run_the_ffn_slice_by_slice():
     model.eval()
     with torch.no_grad():
         model(**batch)
-    assert seen == [tokens] * len(fc1)
+    assert set(seen) == {tokens // 4, tokens // 4 + 1} and sum(seen) == tokens * len(fc1) and len(seen) == 4 * len(fc1)
     for h in hooks:
         h.remove()
 
