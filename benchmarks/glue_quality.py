@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from meft_ds.training.args import DEFAULT_LEARNING_RATE
+
 REPO = Path(__file__).resolve().parents[1]
 # The full GLUE files (standard GLUE TSV layout, one folder per task: RTE/, SST-2/) live outside the repo:
 # point GLUE_DIR at them. Samples of SST-2 and RTE (data/sst2, data/rte: full dev sets, a few train lines) ship with
@@ -62,10 +64,10 @@ METHODS = {
     "meft3": ["--method", "meft", "--variant", "meft3"],
 }
 NOTES_MARKER = "<!-- notes: kept when the table is regenerated -->"
-# Per-method learning rates without --search (the usual ranges: full 5e-5..1e-4, LoRA 5e-4..1e-3, MEFT
-# 1e-3..3e-3), and the grid --search tries: four points ~3x apart from a third of the default up (a
-# first three-point grid put every method's best at its top, so it was extended by one point).
-LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "meft1": 3e-3, "meft2": 3e-3, "meft3": 3e-3}
+# Per-method learning rates without --search: the launcher's defaults (one definition), and the grid --search
+# tries: four points ~3x apart from a third of the default up (a first three-point grid put every method's best
+# at its top, so it was extended by one point).
+LEARNING_RATES = {m: DEFAULT_LEARNING_RATE[m[:4] if m.startswith("meft") else m] for m in METHODS}
 SEARCH_GRID = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3, 1e-2],
                **{m: [1e-3, 3e-3, 1e-2, 3e-2] for m in ("meft1", "meft2", "meft3")}}
 SELECTION_SIZE = 872  # as many as SST-2 dev
