@@ -189,7 +189,7 @@ def test_reversible_equals_vanilla_with_ffn_chunks(variant, split):
 def test_ffn_chunks_run_the_ffn_slice_by_slice():
     """The slicing is real: in training every FFN call (forward and reversible backward) sees a quarter of the
     tokens (6 or 7 of 27 with 4 slices); in evaluation too (once per slice: training's forward order, which
-    ZeRO-3 records as its prefetch order)."""
+    ZeRO-3 records as its prefetch order), with the outputs of the FFN whole."""
     model = build("opt", MODEL_CASES[6][1], **NO_DROPOUT["opt"])
     make_reversible(model, MEFTConfig(variant="meft1", stream_dtype="float64", num_frozen_layers=0, ffn_chunks=4))
     batch = make_batch(model)
@@ -203,10 +203,15 @@ def test_ffn_chunks_run_the_ffn_slice_by_slice():
     seen.clear()
     model.eval()
     with torch.no_grad():
-        model(**batch)
+        sliced = model(**batch).logits
     assert set(seen) == {tokens // 4, tokens // 4 + 1} and sum(seen) == tokens * len(fc1) and len(seen) == 4 * len(fc1)
     for h in hooks:
         h.remove()
+    for layer in model.modules():  # the same model with the FFN whole: the same outputs in float64
+        if hasattr(layer, "ffn_chunks"):
+            layer.ffn_chunks = 1
+    with torch.no_grad():
+        assert rel_err(sliced, model(**batch).logits) < 1e-12
 
 
 def test_batch_slices_and_what_each_slice_reads():
