@@ -67,7 +67,7 @@ NOTES_MARKER = "<!-- notes: kept when the table is regenerated -->"
 # Per-method learning rates without --search: the launcher's defaults (one definition), and the grid --search
 # tries: four points ~3x apart from a third of the default up (a first three-point grid put every method's best
 # at its top, so it was extended by one point).
-LEARNING_RATES = {m: DEFAULT_LEARNING_RATE[m[:4] if m.startswith("meft") else m] for m in METHODS}
+LEARNING_RATES = {m: DEFAULT_LEARNING_RATE[flags[1]] for m, flags in METHODS.items()}  # flags[1]: --method's value
 SEARCH_GRID = {"full": [3e-5, 1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3, 1e-2],
                **{m: [1e-3, 3e-3, 1e-2, 3e-2] for m in ("meft1", "meft2", "meft3")}}
 SELECTION_SIZE = 872  # as many as SST-2 dev

@@ -123,8 +123,9 @@ class MEFTConfig:
         default=2,
         metadata={"help": "The feed-forward block inside F or G (with its norm, residual and parallel adapter: "
                   "every token on its own) runs on this many slices of the tokens, one after another, in forward "
-                  "(evaluation too, so that ZeRO-3 keeps its recorded prefetch order) and in the reversible backward, where each slice is recomputed and back-propagated before "
-                  "the next, so only one slice's FFN intermediates are alive at the peak; 1 runs all tokens at once. "
+                  "(evaluation too, so that ZeRO-3 keeps its recorded prefetch order) and in the reversible "
+                  "backward, where each slice is recomputed and back-propagated before the next, so only one "
+                  "slice's FFN intermediates are alive at the peak; 1 runs all tokens at once. "
                   "Unlike batch_chunks it also slices a batch of one sequence, and the attention is not repeated. "
                   "Measured with 2 (docs/benchmarks.md section 0; OPT-1.3B widths, bf16, 6 layers, 4 x 512 tokens): "
                   "peak 0.94x LoRA+GC instead of 1.05x, no step-time cost measurable on a CPU; more slices lowered "

@@ -198,7 +198,8 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       ones of the batch slice (the FFN's output and input gradient assembled, the attention's output).
       The attention and FFN tensors are those of the largest batch slice (MEFTConfig.batch_chunks), plus 2
       more whole-batch stream-dtype tensors when the batch is sliced. With the FFN in 2 slices the attention
-      phase is the peak (12 compute-dtype tensors: fitted to the tracker's peak, within 5% on the test shapes). Stream arithmetic (the forward's combine, backward's split): two more int64 states
+      phase is the peak (12 compute-dtype tensors: fitted to the tracker's peak, within 5% on the test shapes).
+      Stream arithmetic (the forward's combine, backward's split): two more int64 states
       (a layer's outputs beside its inputs), 5 stream-dtype values (decoders: 2 compute-dtype tensors more,
       the embeddings their forward keeps alive) and one int64 and one stream-dtype temporary of at most
       chunk_size(h, 2 * batch_chunks) elements (coupling.py). With the batch sliced, this phase is the peak at

@@ -35,6 +35,24 @@ BlockFn = Callable[["MEFTLayer", torch.Tensor, dict], torch.Tensor]
 
 
 @contextlib.contextmanager
+def reduce_at_last_slice(params: list[nn.Parameter]):
+    """For a loop over slices whose backwards each add to `params`' gradients: yields mark(last), to call before
+    each slice's backward. DeepSpeed ZeRO 1-3 reduce a weight's gradient as soon as it arrives unless its
+    `ds_grad_is_ready` is False (docs/method.md, ZeRO rule 4), so it is False for every slice but the last, and
+    False throughout when an enclosing loop has set it so (token slices inside batch slices); restored after."""
+    ready = [getattr(p, "ds_grad_is_ready", True) for p in params]
+
+    def mark(last: bool) -> None:
+        for p, was in zip(params, ready):
+            p.ds_grad_is_ready = was and last
+    try:
+        yield mark
+    finally:
+        for p, was in zip(params, ready):
+            p.ds_grad_is_ready = was
+
+
+@contextlib.contextmanager
 def seeded_rng(seed: int | None, device: torch.device):
     """Run the body with the RNG of `device` (and the CPU) seeded to `seed`, then restore both.
 
@@ -79,11 +97,6 @@ def batch_slices(batch: int, chunks: int) -> list[slice]:
     n = max(1, min(chunks, batch))
     bounds = [batch * i // n for i in range(n + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def token_slices(tokens: int, chunks: int) -> list[slice]:
-    """At most `chunks` contiguous slices of `tokens` tokens (the batch's sequences laid end to end)."""
-    return batch_slices(tokens, chunks)
 
 
 def chunk_seed(seed: int | None, index: int) -> int | None:
@@ -142,9 +155,10 @@ class MEFTLayer(nn.Module):
         self.record_nonfinite, self.nonfinite_flags = False, None
 
     def _token_slices(self, value: torch.Tensor) -> list[slice]:
-        # In evaluation too: the modules then run in the order of training's forward, which DeepSpeed ZeRO-3 has
-        # recorded as its prefetch plan (a different order at evaluation makes it discard that plan).
-        return token_slices(value.shape[:-1].numel(), self.ffn_chunks)
+        """At most ffn_chunks slices of `value`'s tokens (the batch's sequences laid end to end). In evaluation
+        too: the modules then run in the order of training's forward, which DeepSpeed ZeRO-3 has recorded as
+        its prefetch plan (a different order at evaluation makes it discard that plan)."""
+        return batch_slices(value.shape[:-1].numel(), self.ffn_chunks)
 
     def _block_forward(self, block: BlockFn, value: torch.Tensor, inputs: dict) -> torch.Tensor:
         """block(value), its token-wise part slice by slice (see the class docstring)."""
@@ -195,28 +209,22 @@ class MEFTLayer(nn.Module):
         """block(value) recomputed with autograd on and back-propagated from `grad`, slice by slice of the batch
         as forward ran it. Returns (the block's output, detached; the gradient for `value`).
 
-        A trainable weight then receives its gradient once per slice within one backward; DeepSpeed ZeRO 1-3
-        reduce a weight's gradient as soon as it arrives unless the weight's `ds_grad_is_ready` is False
-        (docs/method.md, ZeRO rule 4), so it is False for every slice but the last.
+        A trainable weight then receives its gradient once per slice within one backward: DeepSpeed may reduce
+        it at the last slice only (reduce_at_last_slice).
         """
         batch = value.shape[0]
         rows = batch_slices(batch, chunks)
         if len(rows) == 1:
             return self._recompute_backward_one(block, value, grad, inputs, seed, compute_dtype)
         out, value_grad = torch.empty_like(value), torch.empty_like(value)
-        trained = [p for p in self.parameters() if p.requires_grad]
-        try:
+        with reduce_at_last_slice([p for p in self.parameters() if p.requires_grad]) as mark:
             for i, r in enumerate(rows):
-                for p in trained:
-                    p.ds_grad_is_ready = i == len(rows) - 1
+                mark(i == len(rows) - 1)
                 with torch.enable_grad():  # so that an input that needs a gradient gets it through its slice
                     chunk_inputs = slice_inputs(inputs, batch, r)
                 out[r], value_grad[r] = self._recompute_backward_one(
                     block, value[r], grad[r], chunk_inputs, chunk_seed(seed, i), compute_dtype)
                 del chunk_inputs
-        finally:
-            for p in trained:
-                p.ds_grad_is_ready = True
         return out, value_grad
 
     def _recompute_backward_one(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
@@ -257,7 +265,7 @@ class MEFTLayer(nn.Module):
                              out_dtype: torch.dtype):
         """block(value) for a token-wise block, recomputed and back-propagated from `grad` slice by slice of the
         tokens as `_block_forward` ran it; returns (the output in `out_dtype`, detached; the gradient for `value`).
-        As with batch slices, a trained weight's ds_grad_is_ready is False until its last slice (ZeRO rule 4)."""
+        As with batch slices, DeepSpeed may reduce a trained weight's gradient at the last slice only."""
         pieces = self._token_slices(value)
         if len(pieces) == 1:
             leaf = value.requires_grad_(True)
@@ -268,21 +276,15 @@ class MEFTLayer(nn.Module):
         flat, grad = value.reshape(1, -1, value.shape[-1]), grad.reshape(1, -1, grad.shape[-1])
         out = torch.empty(grad.shape, dtype=out_dtype, device=grad.device)
         value_grad = torch.empty_like(flat)
-        trained = [p for p in self.parameters() if p.requires_grad]
-        ready = [getattr(p, "ds_grad_is_ready", True) for p in trained]
-        try:
+        with reduce_at_last_slice([p for p in self.parameters() if p.requires_grad]) as mark:
             for i, s in enumerate(pieces):
-                for p, was in zip(trained, ready):
-                    p.ds_grad_is_ready = was and i == len(pieces) - 1
+                mark(i == len(pieces) - 1)
                 leaf = flat[:, s].detach().requires_grad_(True)
                 with torch.enable_grad():
                     piece = block(self, leaf, inputs).to(out_dtype)
                     torch.autograd.backward(piece, grad[:, s])
                 out[:, s], value_grad[:, s] = piece.detach(), leaf.grad
                 del piece, leaf
-        finally:
-            for p, was in zip(trained, ready):
-                p.ds_grad_is_ready = was
         return out.reshape(*value.shape[:-1], out.shape[-1]), value_grad.reshape(value.shape)
 
     def backward_step(self, carry: list, remainders, inputs, seeds, compute_dtype, coupling, chunks: int = 1):
