@@ -29,6 +29,9 @@ Methods (`METHODS`), all training the task head:
 - meft1_exact_ffnN (N = 1, 4, 8), meft1_exact_one_stage_ffnN (N = 2, 4): the same with MEFTConfig.ffn_chunks=N
                   (default 2 since 2026-12-02, 1 before: in older JSON files meft1_exact ran with 1): the FFN
                   inside F runs on N slices of the tokens, each recomputed and back-propagated before the next.
+- meft1_exact_attnN (N = 2, 4, 8): meft1_exact with MEFTConfig.attention_chunks=N: the attention inside F runs on
+                  N slices of the batch's sequences, each recomputed and back-propagated before the next;
+                  meft1_exact_attnN_ffnN (N = 4, 8) with ffn_chunks=N too.
 - meft1_exact_int32, meft1_exact_bf16_int32: meft1_exact and meft1_exact_bf16 with int32 states
                   (MEFTConfig.state_dtype="int32", frac_bits=16); meft1_exact_int32_chunks8: int32 states and 8
                   batch slices (the least memory the options give).
@@ -124,7 +127,9 @@ METHODS = ("full", "lora", "lora_gc", "lora_gc_naive", "meft1_vanilla", "meft2_v
                                           "meft1_chunks1", "meft1_chunks4",
                                           "meft3_chunks1", "meft3_chunks4", "meft1_exact_ffn1", "meft1_exact_ffn4",
                                           "meft1_exact_ffn8", "meft1_exact_one_stage_ffn2",
-                                          "meft1_exact_one_stage_ffn4")
+                                          "meft1_exact_one_stage_ffn4", "meft1_exact_attn2",
+                                          "meft1_exact_attn4", "meft1_exact_attn8",
+                                          "meft1_exact_attn4_ffn4", "meft1_exact_attn8_ffn8")
                                          if HAS_EXACT else ())
 DEFAULT_METHODS = ("full", "lora", "lora_gc", "meft1_vanilla", "meft1", "meft2", "meft3") + (
     ("meft1_exact",) if HAS_EXACT else ())
@@ -253,7 +258,11 @@ def build_method(model: nn.Module, method: Method) -> nn.Module:
                "chunks1": dict(batch_chunks=1), "chunks4": dict(batch_chunks=4),
                "exact_ffn1": dict(ffn_chunks=1), "exact_ffn4": dict(ffn_chunks=4), "exact_ffn8": dict(ffn_chunks=8),
                "exact_one_stage_ffn2": dict(split_layer_recompute=False, ffn_chunks=2),
-               "exact_one_stage_ffn4": dict(split_layer_recompute=False, ffn_chunks=4)}[suffix]
+               "exact_one_stage_ffn4": dict(split_layer_recompute=False, ffn_chunks=4),
+               "exact_attn2": dict(attention_chunks=2), "exact_attn4": dict(attention_chunks=4),
+               "exact_attn8": dict(attention_chunks=8),
+               "exact_attn4_ffn4": dict(attention_chunks=4, ffn_chunks=4),
+               "exact_attn8_ffn8": dict(attention_chunks=8, ffn_chunks=8)}[suffix]
     if HAS_EXACT:  # pinned: the core's default arithmetic may change
         options["stream_arithmetic"] = "exact" if suffix.startswith("exact") else "float"
     config = MEFTConfig(variant=variant, adapter_dim=ADAPTER_DIM, num_frozen_layers=frozen, **options)

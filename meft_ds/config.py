@@ -131,6 +131,15 @@ class MEFTConfig:
                   "peak 0.94x LoRA+GC instead of 1.05x, no step-time cost measurable on a CPU; more slices lowered "
                   "it no further (the attention's recompute is then the peak)."},
     )
+    attention_chunks: int = field(
+        default=1,
+        metadata={"help": "The attention block inside a whole-layer F or G (MEFT1's F, MEFT2's G) runs on at most "
+                  "this many slices of the batch's sequences, one after another, in forward (evaluation too) and in "
+                  "the reversible backward, where each slice is recomputed and back-propagated before the next, so "
+                  "only one slice's attention maps are alive at the peak; 1 runs the whole batch at once. Unlike "
+                  "batch_chunks the FFN and the stream arithmetic stay whole. Pays where the attention keeps its "
+                  "T x T maps (eager attention, or attention dropout on a CPU); see docs/benchmarks.md section 0."},
+    )
     backward: str = field(
         default="reversible",
         metadata={"help": "reversible: rebuild inputs in backward; vanilla: ordinary cached autograd (same weights).",
@@ -203,10 +212,10 @@ class MEFTConfig:
                     )
         if not isinstance(self.split_layer_recompute, bool):
             raise ValueError(f"MEFTConfig.split_layer_recompute={self.split_layer_recompute!r} must be True or False.")
-        if not isinstance(self.batch_chunks, int) or isinstance(self.batch_chunks, bool) or self.batch_chunks < 1:
-            raise ValueError(f"MEFTConfig.batch_chunks={self.batch_chunks!r} must be an integer >= 1 (1: no slicing).")
-        if not isinstance(self.ffn_chunks, int) or isinstance(self.ffn_chunks, bool) or self.ffn_chunks < 1:
-            raise ValueError(f"MEFTConfig.ffn_chunks={self.ffn_chunks!r} must be an integer >= 1 (1: no slicing).")
+        for name in ("batch_chunks", "ffn_chunks", "attention_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MEFTConfig.{name}={value!r} must be an integer >= 1 (1: no slicing).")
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"MEFTConfig.backward={self.backward!r} is unknown; use one of {BACKWARD_MODES}.")
 

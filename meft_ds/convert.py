@@ -73,7 +73,7 @@ def _convert_layer(layer: nn.Module, config: MEFTConfig, model_config, family: F
     standalone = _make_adapter(config, model_config, layer, family) if "adapter" in (f_kind, g_kind) else None
     split = config.split_layer_recompute
     return MEFTLayer(layer, standalone, _Block(family, f_kind, split), _Block(family, g_kind, split),
-                     config.lam, config.beta, switched, config.ffn_chunks)
+                     config.lam, config.beta, switched, config.ffn_chunks, config.attention_chunks)
 
 
 def _coupling(config: MEFTConfig, compute_dtype: torch.dtype):

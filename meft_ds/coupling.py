@@ -121,7 +121,9 @@ class FloatCoupling:
     def encode(self, hidden: torch.Tensor) -> Stream:
         return Stream(hidden.to(self.value_dtype), None)
 
-    def combine(self, x: Stream, block_out: torch.Tensor, factor: float):
+    def combine(self, x: Stream, block_out: torch.Tensor, factor: float, consume: bool = False):
+        """y = factor * x + block_out. Never in place (`consume` is ignored): the first layer's two streams are the
+        Function's input, one tensor."""
         value = x.value + block_out if factor == 1.0 else factor * x.value + block_out
         return Stream(value, None), None
 
@@ -264,28 +266,34 @@ class ExactCoupling:
             return unpack_remainders(storage[start // 8 * bits:][: -(-like.numel() // 8) * bits], m, like)
         return storage[start: start + like.numel()]
 
-    def combine(self, x: Stream, block_out: torch.Tensor, factor: float):
+    def combine(self, x: Stream, block_out: torch.Tensor, factor: float, consume: bool = False):
         """y = floor(x / m) + q(block_out), and x mod m kept (m = 1/factor > 1).
 
-        The integer work goes by chunks (chunk_size), adding into the new state in place: besides the
-        states, no temporary larger than a chunk.
+        The integer work goes by chunks (chunk_size), in place in the new state: besides the states, no
+        temporary larger than a chunk. With `consume` (x's state is not read again: the reversible forward,
+        which keeps only the remainders) the new state is made in x's storage, one int64 stream less alive.
         """
         m = self.divisor(factor)
         x_state = x.state.contiguous()
-        if m == 1:
-            state = x_state.clone()
-        elif m & (m - 1) == 0:  # a power of two: floor division is an arithmetic shift
-            state = x_state >> (m.bit_length() - 1)
-        else:
-            state = torch.div(x_state, m, rounding_mode="floor")
-        flat, flat_x, values = state.view(-1), x_state.view(-1), block_out.detach().reshape(-1)
-        remainders = None if m == 1 else self.remainder_storage(flat.numel(), m, flat.device)
+        flat_x, values = x_state.view(-1), block_out.detach().reshape(-1)
+        remainders = None if m == 1 else self.remainder_storage(flat_x.numel(), m, flat_x.device)
         ok = self._in_range(values)
-        for start, part in _chunks(flat.numel(), self.max_chunks):
-            flat[part].add_(self._quantised(values[part]))
-            if m > 1:
+        if m > 1:  # x mod m kept, before x is divided
+            for start, part in _chunks(flat_x.numel(), self.max_chunks):
                 kept = flat_x[part] & (m - 1) if m & (m - 1) == 0 else torch.remainder(flat_x[part], m)
                 self._put_remainders(remainders, start, kept, m)
+        if m == 1:
+            state = x_state if consume else x_state.clone()
+        elif m & (m - 1) == 0:  # a power of two: floor division is an arithmetic shift
+            shift = m.bit_length() - 1
+            state = x_state.bitwise_right_shift_(shift) if consume else x_state >> shift
+        elif consume:
+            state = x_state.div_(m, rounding_mode="floor")
+        else:
+            state = torch.div(x_state, m, rounding_mode="floor")
+        flat = state.view(-1)
+        for start, part in _chunks(flat.numel(), self.max_chunks):
+            flat[part].add_(self._quantised(values[part]))
         poison = _nan_unless(ok)
         if m == 1:
             poison = poison + _nan_unless(_within(state, self.state_limit))  # a factor-1 sum can grow past the range

@@ -64,7 +64,8 @@ INT64 = FLOAT64 = 8
 
 # The MEFT settings the activation counts below were measured with (MEFTConfig's defaults when they were).
 MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="auto", state_dtype="int64",
-                              split_layer_recompute=True, ffn_chunks=2, num_reversible_layers=None)
+                              split_layer_recompute=True, ffn_chunks=2, attention_chunks=1,
+                              num_reversible_layers=None)
 
 
 def _unmeasured(meft_config: dict) -> dict:
@@ -199,11 +200,12 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       The attention and FFN tensors are those of the largest batch slice (MEFTConfig.batch_chunks), plus 2
       more whole-batch stream-dtype tensors when the batch is sliced. With the FFN in 2 slices the attention
       phase is the peak (12 compute-dtype tensors: fitted to the tracker's peak, within 5% on the test shapes).
-      Stream arithmetic (the forward's combine, backward's split): two more int64 states
-      (a layer's outputs beside its inputs), 5 stream-dtype values (decoders: 2 compute-dtype tensors more,
-      the embeddings their forward keeps alive) and one int64 and one stream-dtype temporary of at most
-      chunk_size(h, 2 * batch_chunks) elements (coupling.py). With the batch sliced, this phase is the peak at
-      small widths.
+      Stream arithmetic (backward's split; the forward's combine makes its outputs in its inputs' storage
+      and keeps less): 2 * INT64 + 2 * s bytes per hidden element (decoders: 2 compute-dtype tensors more) and
+      one int64 and one stream-dtype temporary of at most chunk_size(h, 2 * batch_chunks) elements (coupling.py).
+      A fit to the tracker's peak (within 3% on the test shapes), not a list of tensors: there the peak holds the
+      remainder unpacking's int64 temporary and seven stream-dtype hidden-sized tensors beside the two states.
+      With the batch sliced, this phase is the peak at small widths.
     - LoRA + checkpointing keeps each trained layer's input and recomputes one layer (12 hidden-sized and
       2 FFN-sized tensors).
     - LoRA and full keep every layer's graph (per layer 9 (LoRA) or 10 (full) hidden-sized tensors, one
@@ -236,7 +238,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         ffn_whole = part * (s + 2 * c) * h if pieces > 1 else 0
         working = max(whole * s * h + part * (12 * c * h + c * mask),
                       whole * s * h + ffn_whole + ffn_part * (3 * c * h + 3 * c * f),
-                      2 * INT64 * h + 5 * s * h + (2 * c * h if shape.model_type in DECODER_ONLY else 0)
+                      2 * INT64 * h + 2 * s * h + (2 * c * h if shape.model_type in DECODER_ONLY else 0)
                       + (INT64 + s) * min(h, chunk_size(h, 2 * chunks)))
     elif method == "lora_gc":
         saved = trained_layers * c * h + mask

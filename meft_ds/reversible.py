@@ -119,8 +119,41 @@ def slice_inputs(inputs: dict, batch: int, rows: slice) -> dict:
     return tree_map(take, inputs)
 
 
+def rows_sliceable(inputs: dict) -> bool:
+    """Whether slice_inputs can take rows of every input: False when one is an object other than a tensor or a
+    plain value (a key/value cache in evaluation, which must see the whole batch at once)."""
+    leaves, _ = tree_flatten(inputs)
+    return all(x is None or isinstance(x, (torch.Tensor, bool, int, float, str)) for x in leaves)
+
+
 class ReconstructionError(RuntimeError):
     """A layer input rebuilt in backward differs from the forward's (exact arithmetic only)."""
+
+
+class Carry:
+    """A layer's input streams, handed over to be consumed (MEFTLayer.forward). A plain object, not a tuple or list:
+    DeepSpeed ZeRO-3's module hooks rebuild those among a module's arguments, and the caller's copy would keep
+    the streams alive."""
+
+    def __init__(self, *streams: Stream, owned: bool = False):
+        self._streams = list(streams)
+        # The caller keeps no other reference and reads the streams' storage no more: the layer may overwrite
+        # it (ExactCoupling.combine's `consume`). Not for a checkpointed layer, whose recompute reads its inputs.
+        self.owned = owned
+
+    @property
+    def streams(self) -> tuple[Stream, ...]:
+        """The streams, without taking them (empty once taken)."""
+        return tuple(self._streams)
+
+    def take(self) -> list[Stream]:
+        streams, self._streams = self._streams, []
+        return streams
+
+
+def _call_with_carry(layer, x1, x2, *args):
+    """layer(Carry(x1, x2), *args): for torch.utils.checkpoint, whose recompute calls it again with x1, x2."""
+    return layer(Carry(x1, x2), *args)
 
 
 class MEFTLayer(nn.Module):
@@ -138,19 +171,22 @@ class MEFTLayer(nn.Module):
     once. Each slice draws dropout from its own seed (chunk_seed), the same in forward and backward.
 
     A block may say how it is made: `parts` = (first, second), block = second o first, where `second` maps every
-    token on its own (a feed-forward block; `first` None: nothing before it). `second` then runs on `ffn_chunks`
-    slices of the tokens one after another, in forward (evaluation too) and in the reversible backward, where
-    each slice is recomputed and back-propagated before the next (`recompute_backward`).
+    token on its own (a feed-forward block; `first` None: nothing before it) and `first` every sequence on its
+    own (an attention block). `second` then runs on `ffn_chunks` slices of the tokens and `first` on
+    `attention_chunks` slices of the sequences, one after another, in forward (evaluation too) and in the
+    reversible backward, where each slice is recomputed and back-propagated before the next
+    (`recompute_backward`). The slices draw their dropout masks one after another from the block's generator,
+    in the same order in forward and in the recompute, so the recomputed output is the forward's bit for bit.
     """
 
     def __init__(self, layer: nn.Module, adapter: nn.Module | None, f: BlockFn, g: BlockFn,
-                 lam: float, beta: float, switched: bool, ffn_chunks: int = 1):
+                 lam: float, beta: float, switched: bool, ffn_chunks: int = 1, attention_chunks: int = 1):
         super().__init__()
         self.layer = layer
         self.adapter = adapter
         self.f, self.g = f, g
         self.lam, self.beta, self.switched = lam, beta, switched
-        self.ffn_chunks = ffn_chunks
+        self.ffn_chunks, self.attention_chunks = ffn_chunks, attention_chunks
         # Set by the stack for the exact arithmetic (MEFTStack.first_nonfinite_layer); a 4-element tensor.
         self.record_nonfinite, self.nonfinite_flags = False, None
 
@@ -167,13 +203,50 @@ class MEFTLayer(nn.Module):
             return block(self, value, inputs)
         first, second = parts
         if first is not None:
-            value = first(self, value, inputs)
+            value = self._sequence_wise_forward(first, value, inputs)
         pieces = self._token_slices(value)
         if len(pieces) == 1:
             return second(self, value, inputs)
         flat = value.reshape(1, -1, value.shape[-1])
         out = torch.cat([second(self, flat[:, s], inputs) for s in pieces], dim=1)
         return out.reshape(*value.shape[:-1], out.shape[-1])
+
+    def _sequence_slices(self, value: torch.Tensor, inputs: dict) -> list[slice]:
+        """At most attention_chunks slices of `value`'s sequences; one (the whole batch) when an input cannot be
+        sliced by rows (a key/value cache, in evaluation)."""
+        return batch_slices(value.shape[0], self.attention_chunks if rows_sliceable(inputs) else 1)
+
+    def _sequence_wise_forward(self, block: BlockFn, value: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """block(value) for a block that maps every sequence on its own, on attention_chunks slices of the batch."""
+        rows = self._sequence_slices(value, inputs)
+        if len(rows) == 1:
+            return block(self, value, inputs)
+        batch = value.shape[0]
+        return torch.cat([block(self, value[r], slice_inputs(inputs, batch, r)) for r in rows])
+
+    def _sequence_wise_backward(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
+                                compute_dtype: torch.dtype) -> torch.Tensor:
+        """block(value) for a sequence-wise block, recomputed with autograd on and back-propagated from `grad`
+        slice by slice of the batch as `_sequence_wise_forward` ran it; returns the gradient for `value` (a
+        leaf). As with batch slices, DeepSpeed may reduce a trained weight's gradient at the last slice only."""
+        batch = value.shape[0]
+        rows = self._sequence_slices(value, inputs)
+        if len(rows) == 1:
+            with torch.enable_grad():
+                out = block(self, value.to(compute_dtype), inputs)
+            torch.autograd.backward(out, grad)
+            return value.grad
+        value_grad = torch.empty_like(value)
+        with reduce_at_last_slice([p for p in self.parameters() if p.requires_grad]) as mark:
+            for i, r in enumerate(rows):
+                mark(i == len(rows) - 1)
+                leaf = value.detach()[r].requires_grad_(True)
+                with torch.enable_grad():  # so that an input that needs a gradient gets it through its slice
+                    piece = block(self, leaf.to(compute_dtype), slice_inputs(inputs, batch, r))
+                torch.autograd.backward(piece, grad[r])
+                value_grad[r] = leaf.grad
+                del piece, leaf
+        return value_grad
 
     def _run_one(self, block: BlockFn, value: torch.Tensor, inputs: dict, seed: int | None,
                  compute_dtype: torch.dtype) -> torch.Tensor:
@@ -190,17 +263,23 @@ class MEFTLayer(nn.Module):
                               compute_dtype) for i, r in enumerate(rows)]
         return torch.cat(outs)
 
-    def forward(self, x1: Stream, x2: Stream, inputs, seeds, compute_dtype, coupling, chunks: int = 1):
+    def forward(self, carry: "Carry", inputs, seeds, compute_dtype, coupling, chunks: int = 1):
         """Equations (1), (2) in `coupling`'s arithmetic; returns the streams as the next layer receives them, and
-        the kept remainders."""
+        the kept remainders. Consumes `carry` (the input streams x1, x2): x1 is dropped as soon as y1 is made, and
+        with an owned carry (the reversible forward, which keeps no other reference) the exact arithmetic makes
+        y1 and y2 in x1's and x2's integer storage: two integer streams alive while the layer runs, not four."""
+        x1, x2 = carry.take()
+        # Exact arithmetic: a failed range check made the whole stream NaN, so one element of each stream says
+        # whether it was poisoned (inputs: 0, 1; outputs: 2, 3). Summed over the step's forwards. Copies, taken
+        # first, so that x1's storage is freed below.
+        flags = [x.value.detach()[(0,) * x.value.dim()].clone() for x in (x1, x2)] if self.record_nonfinite else []
         y1, side1 = coupling.combine(x1, self.run_block(self.f, x2.value, inputs, seeds[0], compute_dtype, chunks),
-                                     self.lam)
+                                     self.lam, consume=carry.owned)
+        del x1
         y2, side2 = coupling.combine(x2, self.run_block(self.g, y1.value, inputs, seeds[1], compute_dtype, chunks),
-                                     self.beta)
+                                     self.beta, consume=carry.owned)
         if self.record_nonfinite:
-            # Exact arithmetic: a failed range check made the whole stream NaN, so one element of each stream
-            # says whether it was poisoned (inputs: 0, 1; outputs: 2, 3). Summed over the step's forwards.
-            flags = torch.stack([x.value.detach()[(0,) * x.value.dim()] for x in (x1, x2, y1, y2)])
+            flags = torch.stack(flags + [y.value.detach()[(0,) * y.value.dim()] for y in (y1, y2)])
             self.nonfinite_flags = flags if self.nonfinite_flags is None else self.nonfinite_flags + flags
         return ((y2, y1) if self.switched else (y1, y2)), (side1, side2)
 
@@ -252,14 +331,14 @@ class MEFTLayer(nn.Module):
             with torch.set_grad_enabled(not split):  # one stage: first's graph is kept for its backward below
                 middle = leaf.to(compute_dtype)
                 if first is not None:
-                    middle = first(self, middle, inputs)
+                    middle = self._sequence_wise_forward(first, middle, inputs)
             out, middle_grad = self._token_wise_backward(second, middle.detach(), grad, inputs, value.dtype)
-        if split:
-            del middle  # the attention's output, not needed while it is recomputed
-            with seeded_rng(seed, value.device), torch.enable_grad():
-                middle = first(self, leaf.to(compute_dtype), inputs)
-        torch.autograd.backward(middle, middle_grad)
-        return out, leaf.grad
+        if not split:
+            torch.autograd.backward(middle, middle_grad)
+            return out, leaf.grad
+        del middle  # the attention's output, not needed while it is recomputed
+        with seeded_rng(seed, value.device):
+            return out, self._sequence_wise_backward(first, leaf, middle_grad, inputs, compute_dtype)
 
     def _token_wise_backward(self, block: BlockFn, value: torch.Tensor, grad: torch.Tensor, inputs: dict,
                              out_dtype: torch.dtype):
@@ -502,7 +581,9 @@ class ReversibleFunction(torch.autograd.Function):
         for layer, seeds in zip(run.layers, run.seeds):
             for book in run.bookkeeping:
                 book.before_layer(x1, x2, seeds)
-            (x1, x2), remainders = layer(x1, x2, inputs, seeds, run.compute_dtype, coupling, run.chunks)
+            carry = Carry(x1, x2, owned=True)
+            del x1, x2  # the layer holds the only references: it drops x1 early and overwrites both (MEFTLayer.forward)
+            (x1, x2), remainders = layer(carry, inputs, seeds, run.compute_dtype, coupling, run.chunks)
             run.ledger.after_layer(remainders)
         ctx.run = run
         # The integer states get no gradient: without this, autograd would allocate int64 zeros for them.
@@ -703,9 +784,9 @@ class MEFTStack(nn.Module):
             if differentiable and self.checkpoint_cached:
                 # Non-reentrant: it needs no input that requires grad (the stack input may not) and keeps
                 # only the layer's inputs; dropout repeats from the layer's seeds.
-                (x1, x2), _ = torch.utils.checkpoint.checkpoint(layer, x1, x2, inputs, layer_seeds, compute_dtype,
-                                                                coupling, chunks, use_reentrant=False)
+                (x1, x2), _ = torch.utils.checkpoint.checkpoint(_call_with_carry, layer, x1, x2, inputs, layer_seeds,
+                                                                compute_dtype, coupling, chunks, use_reentrant=False)
             else:
-                (x1, x2), _ = layer(x1, x2, inputs, layer_seeds, compute_dtype, coupling, chunks)
+                (x1, x2), _ = layer(Carry(x1, x2), inputs, layer_seeds, compute_dtype, coupling, chunks)
         main, other = (x1.value, x2.value) if self.main_stream == 0 else (x2.value, x1.value)
         return (main + self.mix.to(main.dtype) * other).to(hidden_states.dtype)

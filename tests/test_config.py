@@ -27,6 +27,7 @@ from meft_ds import MEFTConfig, make_reversible, set_backward
     (dict(batch_chunks=True), "batch_chunks=True must be an integer >= 1"),
     (dict(ffn_chunks=0), "ffn_chunks=0 must be an integer >= 1"),
     (dict(ffn_chunks=True), "ffn_chunks=True must be an integer >= 1"),
+    (dict(attention_chunks=0), "attention_chunks=0 must be an integer >= 1"),
 ])
 def test_invalid_values_raise(kwargs, message):
     with pytest.raises(ValueError) as error:

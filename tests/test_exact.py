@@ -9,7 +9,7 @@ import transformers as tf
 from conftest import build, make_batch
 from helpers import embedding_grad_step, rel_err
 from meft_ds import MEFTConfig, make_reversible
-from meft_ds.reversible import MEFTLayer, MEFTStack, ReconstructionError
+from meft_ds.reversible import Carry, MEFTLayer, MEFTStack, ReconstructionError
 
 FAMILIES = [("bert", tf.BertForSequenceClassification), ("roberta", tf.RobertaForQuestionAnswering),
             ("bart", tf.BartForConditionalGeneration), ("opt", tf.OPTForCausalLM), ("llama", tf.LlamaForCausalLM)]
@@ -31,10 +31,11 @@ def record_reconstructions(monkeypatch):
     forward_inputs, rebuilt = {}, {}
     original_forward, original_step = MEFTLayer.forward, MEFTLayer.backward_step
 
-    def forward(self, x1, x2, *args):
+    def forward(self, carry, *args):
+        x1, x2 = carry.take()
         if not torch.is_grad_enabled():  # inside the Function's forward
             forward_inputs[id(self)] = (x1.state.clone(), x2.state.clone())
-        return original_forward(self, x1, x2, *args)
+        return original_forward(self, Carry(x1, x2), *args)
 
     def backward_step(self, *args):
         x1, x2, dx1, dx2 = original_step(self, *args)
@@ -414,3 +415,28 @@ def test_int32_states_need_few_fractional_bits():
     with pytest.raises(ValueError, match="state_dtype='int32' holds"):
         MEFTConfig(state_dtype="int32")  # frac_bits 32 by default
     MEFTConfig(state_dtype="int32", frac_bits=21)
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_reversible_forward_keeps_two_integer_streams_alive(variant):
+    """The reversible forward keeps nothing of a layer but its remainders, so each layer makes its output states
+    in its input states' storage (ExactCoupling.combine's `consume`): at no point of the forward are more than two
+    stream-sized integer states alive (four without it: both inputs beside both outputs)."""
+    from meft_ds.memory import PeakTensorTracker
+
+    class IntegerStreams(PeakTensorTracker):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            self.most = max(self.most, self._by_kind.get(kind, 0))
+            return out
+
+    model = exact_model("opt", tf.OPTForCausalLM, variant, 4, torch.float32)
+    batch = make_batch(model)
+    model.train()
+    stream_bytes = batch["input_ids"].numel() * model.config.hidden_size * 8
+    kind = "x".join(map(str, (*batch["input_ids"].shape, model.config.hidden_size))) + " int64"
+    with IntegerStreams() as tracker:
+        model(**batch)
+    assert tracker.most == 2 * stream_bytes, (tracker.most, stream_bytes)

@@ -8,7 +8,7 @@ import torch
 from conftest import CASE_IDS, MODEL_CASES, build, make_batch
 from helpers import embedding_grad_step, graph_node_names, rel_err
 from meft_ds import MEFTConfig, make_reversible, set_backward
-from meft_ds.reversible import MEFTStack
+from meft_ds.reversible import MEFTLayer, MEFTStack
 
 VARIANTS = ("meft1", "meft2", "meft3")
 TOL = 1e-8
@@ -151,27 +151,32 @@ def test_reversible_equals_vanilla_with_uneven_batch_chunks(variant):
 
 @pytest.mark.parametrize("model_type,head", [MODEL_CASES[0], MODEL_CASES[5], MODEL_CASES[6], MODEL_CASES[8]],
                          ids=[CASE_IDS[0], CASE_IDS[5], CASE_IDS[6], CASE_IDS[8]])
-def test_ffn_chunks_compute_the_same_function(model_type, head):
+def test_ffn_and_attention_chunks_compute_the_same_function(model_type, head):
     """Without dropout the FFN in 4 token slices (uneven, 6 and 7 tokens: the padded batch's tokens laid end to
-    end; MEFT3's G is the FFN alone, MEFT1's F a whole layer, in one and in two stages) is the same function:
-    loss and every gradient equal the unsliced ones in float64."""
-    for variant, split in (("meft1", True), ("meft1", False), ("meft3", True)):
-        results = {}
-        for chunks in (1, 4):
+    end; MEFT3's G is the FFN alone, MEFT1's F a whole layer, in one and in two stages), and the attention of a
+    whole layer (MEFT1's F, MEFT2's G) in 2 slices of the sequences (1 and 2 of 3; BART's decoder with its
+    cross-attention), are the same function: loss and every gradient equal the unsliced ones in float64."""
+    cases = (("meft1", True, 4, 1), ("meft1", False, 4, 1), ("meft3", True, 4, 1),
+             ("meft1", True, 1, 2), ("meft1", False, 1, 2), ("meft2", True, 4, 2))
+    for variant, split, ffn_chunks, attention_chunks in cases:
+        results = []
+        for chunks in ((1, 1), (ffn_chunks, attention_chunks)):
             model = build(model_type, head, **NO_DROPOUT[model_type])
             torch.manual_seed(1)
             make_reversible(model, MEFTConfig(variant=variant, stream_dtype="float64", num_frozen_layers=0,
-                                              split_layer_recompute=split, ffn_chunks=chunks))
+                                              split_layer_recompute=split, ffn_chunks=chunks[0],
+                                              attention_chunks=chunks[1]))
             for stack in model.modules():
                 if isinstance(stack, MEFTStack):
                     stack.mix.data.fill_(0.3)
-            results[chunks] = embedding_grad_step(model, make_batch(model), "reversible")
-        (loss_1, grads_1), (loss_3, grads_3) = results[1], results[4]
-        assert rel_err(loss_3, loss_1) < 1e-12, variant
-        assert grads_1.keys() == grads_3.keys() and len(grads_1) >= 3
+            results.append(embedding_grad_step(model, make_batch(model), "reversible"))
+        (loss_1, grads_1), (loss_n, grads_n) = results
+        case = (variant, split, ffn_chunks, attention_chunks)
+        assert rel_err(loss_n, loss_1) < 1e-12, case
+        assert grads_1.keys() == grads_n.keys() and len(grads_1) >= 3
         for name, ref in grads_1.items():
             assert ref is not None and ref.abs().sum() > 0, name
-            assert rel_err(grads_3[name], ref) < 1e-10, (variant, split, name)
+            assert rel_err(grads_n[name], ref) < 1e-10, (case, name)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -184,6 +189,59 @@ def test_reversible_equals_vanilla_with_ffn_chunks(variant, split):
                                       num_frozen_layers=0, split_layer_recompute=split, ffn_chunks=3,
                                       batch_chunks=2 if split else 1))
     assert assert_same_gradients(model, make_batch(model)) >= 3
+
+
+def set_on_meft_layers(model, **settings):
+    for layer in model.modules():
+        if isinstance(layer, MEFTLayer):
+            for name, value in settings.items():
+                setattr(layer, name, value)
+
+
+@pytest.mark.parametrize("variant", ("meft1", "meft2"))
+@pytest.mark.parametrize("model_type,head", [MODEL_CASES[5], MODEL_CASES[6]], ids=[CASE_IDS[5], CASE_IDS[6]])
+@pytest.mark.parametrize("split", [True, False])
+def test_reversible_equals_vanilla_with_attention_chunks(model_type, head, variant, split):
+    """Dropout on, the attention of a whole layer in 2 slices of the sequences (1 and 2 of 3) and the FFN in 3
+    token slices: the reversible backward redraws every slice's masks in the forward's order (BART: the
+    decoder's cross-attention sliced with the encoder states it reads, which get their gradient through it)."""
+    model = build(model_type, head)
+    make_reversible(model, MEFTConfig(variant=variant, stream_dtype="float64", adapter_dropout=0.1,
+                                      num_frozen_layers=0, split_layer_recompute=split, ffn_chunks=3,
+                                      attention_chunks=2))
+    assert assert_same_gradients(model, make_batch(model)) >= 3
+
+
+def test_attention_chunks_run_the_attention_slice_by_slice():
+    """The slicing is real: every call of a whole layer's attention (forward, recompute, its backward's recompute)
+    sees 1 or 2 of the 3 sequences, in training and in evaluation without a key/value cache (training's forward
+    order, as ZeRO-3 records it; the trainer's evaluation passes use_cache=False), with the outputs of the
+    attention whole; with a cache (generation) the attention sees the whole batch."""
+    model = build("opt", MODEL_CASES[6][1], **NO_DROPOUT["opt"])
+    make_reversible(model, MEFTConfig(variant="meft1", stream_dtype="float64", num_frozen_layers=0,
+                                      attention_chunks=2))
+    batch = make_batch(model)
+    seen = []
+    q_proj = [m.q_proj for m in model.modules() if hasattr(m, "q_proj")]
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0])) for m in q_proj]
+    model.train()
+    model(**batch).loss.backward()
+    # forward, then in backward the attention without grad (before the FFN) and with grad (its own backward)
+    assert sorted(seen) == sorted([1, 2] * 3 * len(q_proj))
+    seen.clear()
+    model.eval()
+    with torch.no_grad():
+        sliced = model(**batch, use_cache=False).logits
+        assert sorted(seen) == sorted([1, 2] * len(q_proj))
+        seen.clear()
+        cached = model(**batch, use_cache=True).logits
+        assert seen == [3] * len(q_proj)
+    for h in hooks:
+        h.remove()
+    set_on_meft_layers(model, attention_chunks=1)  # the attention whole: the same outputs in float64
+    with torch.no_grad():
+        whole = model(**batch, use_cache=False).logits
+    assert rel_err(sliced, whole) < 1e-12 and rel_err(cached, whole) < 1e-12
 
 
 def test_ffn_chunks_run_the_ffn_slice_by_slice():
@@ -207,9 +265,7 @@ def test_ffn_chunks_run_the_ffn_slice_by_slice():
     assert set(seen) == {tokens // 4, tokens // 4 + 1} and sum(seen) == tokens * len(fc1) and len(seen) == 4 * len(fc1)
     for h in hooks:
         h.remove()
-    for layer in model.modules():  # the same model with the FFN whole: the same outputs in float64
-        if hasattr(layer, "ffn_chunks"):
-            layer.ffn_chunks = 1
+    set_on_meft_layers(model, ffn_chunks=1)  # the FFN whole: the same outputs in float64
     with torch.no_grad():
         assert rel_err(sliced, model(**batch).logits) < 1e-12
 

@@ -14,7 +14,7 @@ from meft_ds.reversible import MEFTLayer, ReconstructionError
 
 def stream_dtypes_seen(model, batch):
     seen = set()
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.update({args[0].value.dtype, args[1].value.dtype}))
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.update(x.value.dtype for x in args[0].streams))
              for m in model.modules() if isinstance(m, MEFTLayer)]
     model(**batch)
     for h in hooks:

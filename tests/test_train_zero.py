@@ -57,9 +57,10 @@ def _run_args(tmp_path, case) -> dict:
         max_seq_length=32, per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=ACCUMULATION,
         learning_rate=LEARNING_RATE, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, max_steps=1,
         logging_steps=1, output_dir=str(tmp_path / _name(case)), master_port=0,
-        # MEFT in 2 batch slices: a trainable weight gets its gradient once per slice, which ZeRO must not reduce
-        # before the last (MEFTLayer.recompute_backward); the reference slices the same way.
-        **({"batch_chunks": 2} if method == "meft" else {}),
+        # MEFT in 2 batch slices, and each slice's attention in 2 slices of its sequences: a trainable weight gets
+        # its gradient once per slice, which ZeRO must not reduce before the last (MEFTLayer.recompute_backward,
+        # reduce_at_last_slice); the reference slices the same way.
+        **({"batch_chunks": 2, "attention_chunks": 2} if method == "meft" else {}),
     )
 
 

@@ -9,6 +9,7 @@ exactly where the interrupted one was.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -139,6 +140,9 @@ def evaluate(engine, dataset, spec, collate, env: DistEnv, batch_size: int) -> d
     indices = [(env.rank + env.world_size * k) % n for k in range(per_rank)]
     real = [env.rank + env.world_size * k < n for k in range(per_rank)]
     outputs, lm_sums = [], torch.zeros(3, dtype=torch.float64, device=engine.device)
+    # No key/value cache: nothing is generated, and with one the reversible stack runs the attention unsliced
+    # (MEFTConfig.attention_chunks), a module order ZeRO-3 has not recorded.
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(engine.module.forward).parameters else {}
     engine.eval()
     with torch.no_grad():
         for start in range(0, per_rank, batch_size):
@@ -146,7 +150,7 @@ def evaluate(engine, dataset, spec, collate, env: DistEnv, batch_size: int) -> d
             keep = real[start:start + batch_size]
             batch = _to_device(collate([dataset[i] for i in rows]), engine.device)
             # Without labels: the model would also compute its own mean loss over an fp32 copy of all logits.
-            logits = engine(**{name: t for name, t in batch.items() if name != "labels"}).logits
+            logits = engine(**{name: t for name, t in batch.items() if name != "labels"}, **no_cache).logits
             if spec.is_causal_lm:  # reduced on the device: only 3 numbers per rank leave it, at the end
                 kept = torch.tensor(keep, device=logits.device)
                 lm_sums += lm_loss_sums(logits[kept], batch["labels"][kept])
