@@ -64,8 +64,7 @@ INT64 = FLOAT64 = 8
 
 # The MEFT settings the activation counts below were measured with (MEFTConfig's defaults when they were).
 MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="auto", state_dtype="int64",
-                              split_layer_recompute=True, ffn_chunks=2, attention_chunks=1,
-                              num_reversible_layers=None)
+                              split_layer_recompute=True, ffn_chunks=2, num_reversible_layers=None)
 
 
 def _unmeasured(meft_config: dict) -> dict:
@@ -181,7 +180,8 @@ def remainder_bytes(elements: int, config: MEFTConfig) -> int:
 
 
 def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length: int, precision: str,
-                     trained_layers: int, task: str, batch_chunks: int | None = None) -> int:
+                     trained_layers: int, task: str, batch_chunks: int | None = None,
+                     attention_chunks: int | None = None) -> int:
     """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included): the saved
     part (bytes saved for backward, kept from forward into backward) plus the largest working set of backward.
 
@@ -200,6 +200,9 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       The attention and FFN tensors are those of the largest batch slice (MEFTConfig.batch_chunks), plus 2
       more whole-batch stream-dtype tensors when the batch is sliced. With the FFN in 2 slices the attention
       phase is the peak (12 compute-dtype tensors: fitted to the tracker's peak, within 5% on the test shapes).
+      With the attention on slices of the batch slice's sequences (MEFTConfig.attention_chunks) those 12 and the
+      mask are the largest attention slice's, and 1 stream-dtype and 1 compute-dtype whole-slice tensor more
+      hold the attention's input gradient and output gradient (fitted: within 3% on the test shapes).
       Stream arithmetic (backward's split; the forward's combine makes its outputs in its inputs' storage
       and keeps less): 2 * INT64 + 2 * s bytes per hidden element (decoders: 2 compute-dtype tensors more) and
       one int64 and one stream-dtype temporary of at most chunk_size(h, 2 * batch_chunks) elements (coupling.py).
@@ -236,7 +239,13 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         pieces = len(batch_slices(sliced_tokens, meft.ffn_chunks))
         ffn_part = part * math.ceil(sliced_tokens / pieces) / sliced_tokens
         ffn_whole = part * (s + 2 * c) * h if pieces > 1 else 0
-        working = max(whole * s * h + part * (12 * c * h + c * mask),
+        # The attention runs on slices of the batch slice's sequences (MEFTConfig.attention_chunks).
+        sequences = math.ceil(micro_batch / slices)
+        attention_slices = len(batch_slices(
+            sequences, meft.attention_chunks if attention_chunks is None else attention_chunks))
+        attention_part = part * math.ceil(sequences / attention_slices) / sequences
+        attention_whole = part * (s + c) * h if attention_slices > 1 else 0
+        working = max(whole * s * h + attention_whole + attention_part * (12 * c * h + c * mask),
                       whole * s * h + ffn_whole + ffn_part * (3 * c * h + 3 * c * f),
                       2 * INT64 * h + 2 * s * h + (2 * c * h if shape.model_type in DECODER_ONLY else 0)
                       + (INT64 + s) * min(h, chunk_size(h, 2 * chunks)))
@@ -269,8 +278,9 @@ DEVICE_COMPONENTS = ("frozen", "trainable", "grads", "optimizer", "activations",
 
 
 def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, task, num_frozen_layers=None,
-              methods=METHODS, batch_chunks=None):
-    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers and batch_chunks:
+              methods=METHODS, batch_chunks=None, attention_chunks=None):
+    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers, batch_chunks and
+    attention_chunks:
     MEFT's; None = the family default and MEFTConfig's). Adapters and LoRA have MEFTConfig's default adapter_dim
     (the launcher's)."""
     shape, w, adapter_dim = shape_of(config), PRECISION_BYTES[precision], MEFTConfig().adapter_dim
@@ -283,7 +293,7 @@ def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, tas
         params, largest = meta_model(config, task, method, frozen if method == "meft" else None, adapter_dim)
         total, trainable = sum(n for n, _ in params), sum(n for n, t in params if t)
         activations = activation_bytes(shape, method, micro_batch, max_seq_length, precision, shape.num_layers - frozen,
-                                       task, batch_chunks)
+                                       task, batch_chunks, attention_chunks)
         for stage, offload in SETTINGS:
             states = model_states(params, stage, offload, world_size, w)
             # ZeRO-3 gathers a module's weights for its forward/backward (and prefetches the next): 2 modules.
@@ -344,10 +354,11 @@ def run_line(config, *, method: str, stage: int, offload: bool, world_size: int,
             return (f"plan: not available for this MEFT setting ({differing}); python -m meft_ds.plan models "
                     f"MEFTConfig's defaults only")
         frozen = meft_config["num_frozen_layers"]
-    chunks = meft_config.get("batch_chunks") if method == "meft" else None
+    chunks = {name: meft_config.get(name) if method == "meft" else None
+              for name in ("batch_chunks", "attention_chunks")}
     row = next(r for r in plan_rows(config, world_size=world_size, max_seq_length=max_seq_length,
                                     micro_batch=micro_batch, precision=precision, task=task,
-                                    num_frozen_layers=frozen, methods=(method,), batch_chunks=chunks)
+                                    num_frozen_layers=frozen, methods=(method,), **chunks)
                if (r["stage"], r["offload"]) == (stage, offload))
     return (f"plan: {method}, ZeRO-{stage}{' offload' if offload else ''}, micro-batch {micro_batch} x "
             f"{max_seq_length} tokens: about {format_bytes(row['device'])} per rank (weights "
@@ -388,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="bf16", choices=tuple(PRECISION_BYTES))
     parser.add_argument("--batch_chunks", type=int, default=MEFTConfig().batch_chunks,
                         help="MEFT's batch slices in training (MEFTConfig.batch_chunks): fewer activations, more time.")
+    parser.add_argument("--attention_chunks", type=int, default=MEFTConfig().attention_chunks,
+                        help="MEFT's attention slices (MEFTConfig.attention_chunks): fewer activations, more ops.")
     parser.add_argument("--task", default=None, choices=("causal_lm", "classification"),
                         help="Head and loss; default causal_lm for decoder-only models, else classification.")
     parser.add_argument("--json", action="store_true", help="Print the rows and the recommendation as JSON.")
@@ -400,7 +413,7 @@ def main(argv=None) -> int:
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
         reserve = gpu_memory // 10 if args.reserve is None else parse_bytes(args.reserve)
-        for name in ("world_size", "max_seq_length", "micro_batch", "batch_chunks"):
+        for name in ("world_size", "max_seq_length", "micro_batch", "batch_chunks", "attention_chunks"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} {getattr(args, name)} must be at least 1.")
         if reserve >= gpu_memory:
@@ -412,7 +425,7 @@ def main(argv=None) -> int:
         parser.exit(2, "error: " + " ".join(str(error).split()) + "\n")  # one line, also for multi-line library errors
     task = args.task or ("causal_lm" if config.model_type in DECODER_ONLY else "classification")
     run = dict(world_size=args.world_size, max_seq_length=args.max_seq_length, precision=args.precision, task=task,
-               batch_chunks=args.batch_chunks)
+               batch_chunks=args.batch_chunks, attention_chunks=args.attention_chunks)
     budget = gpu_memory - reserve
     rows = plan_rows(config, **run, micro_batch=args.micro_batch)
     best = recommend(config, budget, **run, micro_batch=args.micro_batch)

@@ -58,7 +58,10 @@ ACTIVATION_CASES = [("opt", 4, 1024, "fp32", "meft1_exact"), ("opt", 8, 1024, "f
                     ("opt", 4, 1024, "fp32", "lora_gc"), ("opt", 8, 1024, "fp32", "lora_gc"),
                     ("roberta", 4, 512, "fp32", "lora_gc"),
                     # the batch in 4 slices (MEFTConfig.batch_chunks): the stream arithmetic's phase is the peak
-                    ("opt", 4, 1024, "fp32", "meft1_exact_chunks4"), ("roberta", 8, 1024, "bf16", "meft1_exact_chunks4")]
+                    ("opt", 4, 1024, "fp32", "meft1_exact_chunks4"), ("roberta", 8, 1024, "bf16", "meft1_exact_chunks4"),
+                    # the attention in slices of the sequences (MEFTConfig.attention_chunks): with 2 slices its phase
+                    # stays the peak at FFN width 2x hidden; with 4, or at 4x, the FFN's is
+                    ("roberta", 4, 512, "fp32", "meft1_exact_attn2"), ("opt", 4, 1024, "fp32", "meft1_exact_attn4")]
 
 
 @pytest.mark.parametrize("case", ACTIVATION_CASES, ids=lambda c: "{}{}_ffn{}_{}_{}".format(*c))
@@ -69,7 +72,8 @@ def test_activation_peak_matches_the_tracker(case):
     model = setups.build_method(setups.base_model(config, seed=0, dtype=dtype), setups.Method(method))
     measured = _measured_activations(model, setups.make_batch(config, BATCH, SEQ, seed=0, padding=True))
     predicted = plan.activation_bytes(plan.shape_of(config), "meft" if method.startswith("meft") else method, BATCH,
-                                      SEQ, precision, layers, "classification", 4 if method.endswith("chunks4") else 1)
+                                      SEQ, precision, layers, "classification", 4 if method.endswith("chunks4") else 1,
+                                      int(method.rpartition("_attn")[2]) if "_attn" in method else 1)
     print(f"{case}: predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured
 
@@ -258,3 +262,13 @@ def test_run_line_for_the_launcher(tmp_path):
     other = plan.run_line(config, method="meft", meft_config=dict(meft, stream_arithmetic="float"), **common)
     assert other.startswith("plan: not available for this MEFT setting ({'stream_arithmetic': 'float'})")
     assert plan.run_line(config, method="lora", **common).startswith("plan: lora, ZeRO-3")
+    # the run's attention slices reach the plan (MEFTConfig.attention_chunks), and lower the activations
+    def zero3_row(task, **chunks):
+        return next(r for r in plan.plan_rows(config, world_size=2, max_seq_length=128, micro_batch=4,
+                                              precision="bf16", task=task, num_frozen_layers=1, methods=("meft",),
+                                              **chunks) if r["stage"] == 3)
+
+    sliced = plan.run_line(config, method="meft", meft_config=dict(meft, attention_chunks=2), **common)
+    assert f"{zero3_row('causal_lm', attention_chunks=2)['device'] / 2**20:.2f} MiB per rank" in sliced
+    assert (zero3_row("classification", attention_chunks=2)["activations"]
+            < zero3_row("classification")["activations"])
