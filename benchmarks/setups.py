@@ -31,7 +31,8 @@ Methods (`METHODS`), all training the task head:
                   inside F runs on N slices of the tokens, each recomputed and back-propagated before the next.
 - meft1_exact_attnN (N = 2, 4, 8): meft1_exact with MEFTConfig.attention_chunks=N: the attention inside F runs on
                   N slices of the batch's sequences, each recomputed and back-propagated before the next;
-                  meft1_exact_attnN_ffnN (N = 4, 8) with ffn_chunks=N too.
+                  meft1_exact_attnN_ffnN (N = 4, 8) with ffn_chunks=N too; meft1_exact_bf16_int32_attn4_ffn4
+                  both slicings with meft1_exact_bf16_int32's int32 states.
 - meft1_exact_int32, meft1_exact_bf16_int32: meft1_exact and meft1_exact_bf16 with int32 states
                   (MEFTConfig.state_dtype="int32", frac_bits=16); meft1_exact_int32_chunks8: int32 states and 8
                   batch slices (the least memory the options give).
@@ -129,7 +130,8 @@ METHODS = ("full", "lora", "lora_gc", "lora_gc_naive", "meft1_vanilla", "meft2_v
                                           "meft1_exact_ffn8", "meft1_exact_one_stage_ffn2",
                                           "meft1_exact_one_stage_ffn4", "meft1_exact_attn2",
                                           "meft1_exact_attn4", "meft1_exact_attn8",
-                                          "meft1_exact_attn4_ffn4", "meft1_exact_attn8_ffn8")
+                                          "meft1_exact_attn4_ffn4", "meft1_exact_attn8_ffn8",
+                                          "meft1_exact_bf16_int32_attn4_ffn4")
                                          if HAS_EXACT else ())
 DEFAULT_METHODS = ("full", "lora", "lora_gc", "meft1_vanilla", "meft1", "meft2", "meft3") + (
     ("meft1_exact",) if HAS_EXACT else ())
@@ -262,7 +264,9 @@ def build_method(model: nn.Module, method: Method) -> nn.Module:
                "exact_attn2": dict(attention_chunks=2), "exact_attn4": dict(attention_chunks=4),
                "exact_attn8": dict(attention_chunks=8),
                "exact_attn4_ffn4": dict(attention_chunks=4, ffn_chunks=4),
-               "exact_attn8_ffn8": dict(attention_chunks=8, ffn_chunks=8)}[suffix]
+               "exact_attn8_ffn8": dict(attention_chunks=8, ffn_chunks=8),
+               "exact_bf16_int32_attn4_ffn4": dict(stream_dtype="bfloat16", state_dtype="int32", frac_bits=16,
+                                                   attention_chunks=4, ffn_chunks=4)}[suffix]
     if HAS_EXACT:  # pinned: the core's default arithmetic may change
         options["stream_arithmetic"] = "exact" if suffix.startswith("exact") else "float"
     config = MEFTConfig(variant=variant, adapter_dim=ADAPTER_DIM, num_frozen_layers=frozen, **options)
