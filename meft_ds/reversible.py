@@ -214,7 +214,9 @@ class MEFTLayer(nn.Module):
     def _sequence_slices(self, value: torch.Tensor, inputs: dict) -> list[slice]:
         """At most attention_chunks slices of `value`'s sequences; one (the whole batch) when an input cannot be
         sliced by rows (a key/value cache, in evaluation)."""
-        return batch_slices(value.shape[0], self.attention_chunks if rows_sliceable(inputs) else 1)
+        if self.attention_chunks == 1 or not rows_sliceable(inputs):  # the default skips the walk over the inputs
+            return [slice(0, value.shape[0])]
+        return batch_slices(value.shape[0], self.attention_chunks)
 
     def _sequence_wise_forward(self, block: BlockFn, value: torch.Tensor, inputs: dict) -> torch.Tensor:
         """block(value) for a block that maps every sequence on its own, on attention_chunks slices of the batch."""
