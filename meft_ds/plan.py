@@ -64,7 +64,7 @@ INT64 = FLOAT64 = 8
 
 # The MEFT settings the activation counts below were measured with (MEFTConfig's defaults when they were).
 MEASURED_MEFT_DEFAULTS = dict(variant="meft1", stream_arithmetic="exact", stream_dtype="auto", state_dtype="int64",
-                              split_layer_recompute=True, ffn_chunks=2, num_reversible_layers=None)
+                              split_layer_recompute=True, num_reversible_layers=None)
 
 
 def _unmeasured(meft_config: dict) -> dict:
@@ -181,7 +181,7 @@ def remainder_bytes(elements: int, config: MEFTConfig) -> int:
 
 def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length: int, precision: str,
                      trained_layers: int, task: str, batch_chunks: int | None = None,
-                     attention_chunks: int | None = None) -> int:
+                     attention_chunks: int | None = None, ffn_chunks: int | None = None) -> int:
     """Peak activation bytes of one micro-batch's forward + backward (weight gradients not included): the saved
     part (bytes saved for backward, kept from forward into backward) plus the largest working set of backward.
 
@@ -195,7 +195,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
       output, the two gradients autograd hands the Function) + 12 compute-dtype ones (q, k, v, output,
       their gradients, norm and residual tensors) + the float copy of the mask; FFN recompute + backward:
       the same 6 + 3 hidden-sized and 3 FFN-sized compute-dtype ones of the largest token slice
-      (MEFTConfig.ffn_chunks), and with the tokens sliced, 1 stream-dtype and 2 compute-dtype hidden-sized
+      (MEFTConfig.ffn_chunks; 1, 2, 4 and 8 checked), and with the tokens sliced, 1 stream-dtype and 2 compute-dtype hidden-sized
       ones of the batch slice (the FFN's output and input gradient assembled, the attention's output).
       The attention and FFN tensors are those of the largest batch slice (MEFTConfig.batch_chunks), plus 2
       more whole-batch stream-dtype tensors when the batch is sliced. With the FFN in 2 slices the attention
@@ -236,7 +236,7 @@ def activation_bytes(shape: Shape, method: str, micro_batch: int, max_seq_length
         # The FFN runs on token slices of the batch slice (MEFTConfig.ffn_chunks): its tensors are the largest
         # token slice's; the attention's output and the FFN's output and input gradient stay whole-slice.
         sliced_tokens = math.ceil(micro_batch / slices) * max_seq_length
-        pieces = len(batch_slices(sliced_tokens, meft.ffn_chunks))
+        pieces = len(batch_slices(sliced_tokens, meft.ffn_chunks if ffn_chunks is None else ffn_chunks))
         ffn_part = part * math.ceil(sliced_tokens / pieces) / sliced_tokens
         ffn_whole = part * (s + 2 * c) * h if pieces > 1 else 0
         # The attention runs on slices of the batch slice's sequences (MEFTConfig.attention_chunks).
@@ -278,11 +278,10 @@ DEVICE_COMPONENTS = ("frozen", "trainable", "grads", "optimizer", "activations",
 
 
 def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, task, num_frozen_layers=None,
-              methods=METHODS, batch_chunks=None, attention_chunks=None):
-    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers, batch_chunks and
-    attention_chunks:
-    MEFT's; None = the family default and MEFTConfig's). Adapters and LoRA have MEFTConfig's default adapter_dim
-    (the launcher's)."""
+              methods=METHODS, batch_chunks=None, attention_chunks=None, ffn_chunks=None):
+    """One dict per (method, ZeRO stage, offload) with every component in bytes (num_frozen_layers and the
+    *_chunks: MEFT's; None = the family default and MEFTConfig's). Adapters and LoRA have MEFTConfig's default
+    adapter_dim (the launcher's)."""
     shape, w, adapter_dim = shape_of(config), PRECISION_BYTES[precision], MEFTConfig().adapter_dim
     frozen_default = num_frozen_layers
     if frozen_default is None and "meft" in methods:
@@ -293,12 +292,13 @@ def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, tas
         params, largest = meta_model(config, task, method, frozen if method == "meft" else None, adapter_dim)
         total, trainable = sum(n for n, _ in params), sum(n for n, t in params if t)
         activations = activation_bytes(shape, method, micro_batch, max_seq_length, precision, shape.num_layers - frozen,
-                                       task, batch_chunks, attention_chunks)
+                                       task, batch_chunks, attention_chunks, ffn_chunks)
         for stage, offload in SETTINGS:
             states = model_states(params, stage, offload, world_size, w)
             # ZeRO-3 gathers a module's weights for its forward/backward (and prefetches the next): 2 modules.
             gathered = states.pop("persistent") + (2 * w * largest if stage == 3 else 0)
             row = dict(method=method, stage=stage, offload=offload, micro_batch=micro_batch, num_frozen_layers=frozen,
+                       **(_slices(batch_chunks, attention_chunks, ffn_chunks) if method == "meft" else {}),
                        parameters=total, trainable_parameters=trainable, **states, activations=activations,
                        gathered=gathered)
             row["device"] = sum(row[k] for k in DEVICE_COMPONENTS)
@@ -308,20 +308,40 @@ def plan_rows(config, *, world_size, max_seq_length, micro_batch, precision, tas
     return rows
 
 
+# The slices the recommendation turns to when the requested ones do not fit (docs/benchmarks.md, section 0: at the
+# RoBERTa-base shape 0.51x LoRA+GC's peak at 12 layers against the default's 0.79x; at OPT-1.3B widths, 4 layers,
+# 4 x 512, 2,412 ops per step against the default's 1,344, fewer than two half micro-batches' 2,688).
+SLICED = dict(attention_chunks=4, ffn_chunks=4)
+
+
+def _slices(batch_chunks=None, attention_chunks=None, ffn_chunks=None) -> dict:
+    """MEFT's slice counts, None = MEFTConfig's default."""
+    default = MEFTConfig()
+    return dict(batch_chunks=default.batch_chunks if batch_chunks is None else batch_chunks,
+                attention_chunks=default.attention_chunks if attention_chunks is None else attention_chunks,
+                ffn_chunks=default.ffn_chunks if ffn_chunks is None else ffn_chunks)
+
+
 def recommend(config, budget: int, **run) -> dict | None:
     """The first MEFT setting that fits `budget` bytes per rank, preferring (in this order) the family's
     num_frozen_layers, the requested micro-batch (halved down to 1; gradient accumulation keeps the batch),
-    a lower ZeRO stage and no offload (less communication). None when nothing fits."""
+    the requested slices before attention and FFN in (at least) SLICED's (fewer activations for more ops, fewer
+    than a halved micro-batch adds), a lower ZeRO stage and no offload (less communication). None when nothing
+    fits."""
     shape = shape_of(config)
     first = default_num_frozen_layers(config)
     requested = run.pop("micro_batch")
+    slices = _slices(*(run.pop(name, None) for name in ("batch_chunks", "attention_chunks", "ffn_chunks")))
+    sliced = {**slices, **{k: max(v, slices[k]) for k, v in SLICED.items()}}
     for frozen in range(first, shape.num_layers):
         micro = requested
         while micro >= 1:
-            rows = plan_rows(config, **run, micro_batch=micro, num_frozen_layers=frozen, methods=("meft",))
-            fitting = [r for r in rows if r["device"] <= budget]
-            if fitting:
-                return dict(fitting[0], num_reversible_layers=shape.num_layers - frozen)
+            for chunks in (slices, sliced) if sliced != slices else (slices,):
+                rows = plan_rows(config, **run, **chunks, micro_batch=micro, num_frozen_layers=frozen,
+                                 methods=("meft",))
+                fitting = [r for r in rows if r["device"] <= budget]
+                if fitting:
+                    return dict(fitting[0], num_reversible_layers=shape.num_layers - frozen)
             micro //= 2
     return None
 
@@ -335,9 +355,10 @@ def summary(best: dict | None, budget: int) -> str:
     if best is None:
         return f"plan: no MEFT setting fits {gib(budget)} GiB per rank; use more ranks or a shorter sequence"
     offload = "offload" if best["offload"] else "no offload"
+    chunks = ", ".join(f"{name}={best[name]}" for name in ("batch_chunks", "attention_chunks", "ffn_chunks"))
     return (f"plan: meft, ZeRO-{best['stage']}, {offload}, num_frozen_layers={best['num_frozen_layers']}, "
-            f"num_reversible_layers={best['num_reversible_layers']} (all), micro-batch {best['micro_batch']}: "
-            f"{gib(best['device'])} of {gib(budget)} GiB per rank")
+            f"num_reversible_layers={best['num_reversible_layers']} (all), micro-batch {best['micro_batch']}, "
+            f"{chunks}: {gib(best['device'])} of {gib(budget)} GiB per rank")
 
 
 def run_line(config, *, method: str, stage: int, offload: bool, world_size: int, max_seq_length: int,
@@ -355,7 +376,7 @@ def run_line(config, *, method: str, stage: int, offload: bool, world_size: int,
                     f"MEFTConfig's defaults only")
         frozen = meft_config["num_frozen_layers"]
     chunks = {name: meft_config.get(name) if method == "meft" else None
-              for name in ("batch_chunks", "attention_chunks")}
+              for name in ("batch_chunks", "attention_chunks", "ffn_chunks")}
     row = next(r for r in plan_rows(config, world_size=world_size, max_seq_length=max_seq_length,
                                     micro_batch=micro_batch, precision=precision, task=task,
                                     num_frozen_layers=frozen, methods=(method,), **chunks)
@@ -401,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MEFT's batch slices in training (MEFTConfig.batch_chunks): fewer activations, more time.")
     parser.add_argument("--attention_chunks", type=int, default=MEFTConfig().attention_chunks,
                         help="MEFT's attention slices (MEFTConfig.attention_chunks): fewer activations, more ops.")
+    parser.add_argument("--ffn_chunks", type=int, default=MEFTConfig().ffn_chunks,
+                        help="MEFT's FFN token slices (MEFTConfig.ffn_chunks): fewer activations, more ops.")
     parser.add_argument("--task", default=None, choices=("causal_lm", "classification"),
                         help="Head and loss; default causal_lm for decoder-only models, else classification.")
     parser.add_argument("--json", action="store_true", help="Print the rows and the recommendation as JSON.")
@@ -413,7 +436,7 @@ def main(argv=None) -> int:
     try:
         gpu_memory = parse_bytes(args.gpu_memory)
         reserve = gpu_memory // 10 if args.reserve is None else parse_bytes(args.reserve)
-        for name in ("world_size", "max_seq_length", "micro_batch", "batch_chunks", "attention_chunks"):
+        for name in ("world_size", "max_seq_length", "micro_batch", "batch_chunks", "attention_chunks", "ffn_chunks"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} {getattr(args, name)} must be at least 1.")
         if reserve >= gpu_memory:
@@ -425,7 +448,7 @@ def main(argv=None) -> int:
         parser.exit(2, "error: " + " ".join(str(error).split()) + "\n")  # one line, also for multi-line library errors
     task = args.task or ("causal_lm" if config.model_type in DECODER_ONLY else "classification")
     run = dict(world_size=args.world_size, max_seq_length=args.max_seq_length, precision=args.precision, task=task,
-               batch_chunks=args.batch_chunks, attention_chunks=args.attention_chunks)
+               batch_chunks=args.batch_chunks, attention_chunks=args.attention_chunks, ffn_chunks=args.ffn_chunks)
     budget = gpu_memory - reserve
     rows = plan_rows(config, **run, micro_batch=args.micro_batch)
     best = recommend(config, budget, **run, micro_batch=args.micro_batch)
@@ -436,7 +459,8 @@ def main(argv=None) -> int:
     print(f"model: {shape.model_type}, {shape.num_layers} layers, hidden {shape.hidden}, FFN {shape.ffn}, "
           f"{shape.heads} heads, vocab {shape.vocab}; {rows[-1]['parameters']:,} parameters")
     print(f"run: {args.world_size} rank(s), {args.precision}, micro-batch {args.micro_batch} x {args.max_seq_length} "
-          f"tokens, task {task}; MEFT: MEFTConfig defaults, num_frozen_layers {rows[0]['num_frozen_layers']}, "
+          f"tokens, task {task}; MEFT: MEFTConfig defaults but batch_chunks {args.batch_chunks}, attention_chunks "
+          f"{args.attention_chunks}, ffn_chunks {args.ffn_chunks}, num_frozen_layers {rows[0]['num_frozen_layers']}, "
           f"{rows[0]['trainable_parameters']:,} trainable; LoRA r={MEFTConfig().adapter_dim}: "
           f"{next(r for r in rows if r['method'] == 'lora')['trainable_parameters']:,} trainable")
     print(f"GiB per rank. budget {gib(budget)} = --gpu_memory {gib(gpu_memory)} - {gib(reserve)} held back for process "

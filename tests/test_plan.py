@@ -61,7 +61,19 @@ ACTIVATION_CASES = [("opt", 4, 1024, "fp32", "meft1_exact"), ("opt", 8, 1024, "f
                     ("opt", 4, 1024, "fp32", "meft1_exact_chunks4"), ("roberta", 8, 1024, "bf16", "meft1_exact_chunks4"),
                     # the attention in slices of the sequences (MEFTConfig.attention_chunks): with 2 slices its phase
                     # stays the peak at FFN width 2x hidden; with 4, or at 4x, the FFN's is
-                    ("roberta", 4, 512, "fp32", "meft1_exact_attn2"), ("opt", 4, 1024, "fp32", "meft1_exact_attn4")]
+                    ("roberta", 4, 512, "fp32", "meft1_exact_attn2"), ("opt", 4, 1024, "fp32", "meft1_exact_attn4"),
+                    # the FFN in other token slices than the default's 2 (MEFTConfig.ffn_chunks), alone and with the
+                    # attention sliced (the slices the recommendation turns to)
+                    ("opt", 4, 1024, "fp32", "meft1_exact_ffn1"), ("opt", 4, 1024, "fp32", "meft1_exact_ffn4"),
+                    ("roberta", 8, 1024, "bf16", "meft1_exact_attn4_ffn4"), ("opt", 4, 1024, "fp32", "meft1_exact_attn8_ffn8")]
+
+
+def _chunks(method: str, name: str) -> int | None:
+    """The slice count a benchmark method's name sets ('meft1_exact_attn4_ffn4', name 'attn' -> 4), else None."""
+    for part in method.split("_"):
+        if part.startswith(name) and part[len(name):].isdigit():
+            return int(part[len(name):])
+    return None
 
 
 @pytest.mark.parametrize("case", ACTIVATION_CASES, ids=lambda c: "{}{}_ffn{}_{}_{}".format(*c))
@@ -72,8 +84,8 @@ def test_activation_peak_matches_the_tracker(case):
     model = setups.build_method(setups.base_model(config, seed=0, dtype=dtype), setups.Method(method))
     measured = _measured_activations(model, setups.make_batch(config, BATCH, SEQ, seed=0, padding=True))
     predicted = plan.activation_bytes(plan.shape_of(config), "meft" if method.startswith("meft") else method, BATCH,
-                                      SEQ, precision, layers, "classification", 4 if method.endswith("chunks4") else 1,
-                                      int(method.rpartition("_attn")[2]) if "_attn" in method else 1)
+                                      SEQ, precision, layers, "classification", _chunks(method, "chunks"),
+                                      _chunks(method, "attn"), _chunks(method, "ffn"))
     print(f"{case}: predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert abs(predicted - measured) <= TOLERANCE * measured
 
@@ -249,6 +261,30 @@ def test_recommendation_fits_and_gives_way_in_order(tmp_path):
     assert plan.summary(None, 2**10).startswith("plan: no MEFT setting fits")
 
 
+def test_recommendation_slices_attention_and_ffn_before_halving_the_micro_batch(tmp_path):
+    """Between what the default slices need and what plan.SLICED's need at the same micro-batch, the
+    recommendation keeps the micro-batch and slices (the summary line says so); explicit slices are kept."""
+    config = plan.load_config(str(_tiny_config_file(tmp_path / "config.json")))
+    run_flags = dict(world_size=2, max_seq_length=128, precision="fp32", task="classification")
+
+    def smallest(**chunks):
+        return min(r["device"] for r in plan.plan_rows(config, **run_flags, **chunks, micro_batch=8, methods=("meft",)))
+
+    whole, sliced = smallest(), smallest(**plan.SLICED)
+    assert sliced < 0.9 * whole
+    best = plan.recommend(config, whole - 1, **run_flags, micro_batch=8)
+    assert (best["micro_batch"], best["attention_chunks"], best["ffn_chunks"]) == (8, 4, 4)
+    assert best["device"] <= whole - 1 and best["num_frozen_layers"] == plan.default_num_frozen_layers(config)
+    assert "micro-batch 8, batch_chunks=1, attention_chunks=4, ffn_chunks=4:" in plan.summary(best, whole - 1)
+    # with room the requested slices stay; slices asked for beyond SLICED's are never lowered
+    assert plan.recommend(config, whole, **run_flags, micro_batch=8)["attention_chunks"] == 1
+    more = plan.recommend(config, 2**30, **run_flags, micro_batch=8, attention_chunks=8, ffn_chunks=8)
+    assert (more["attention_chunks"], more["ffn_chunks"]) == (8, 8)
+    # below what SLICED needs at micro-batch 8: the micro-batch is halved, sliced where the default does not fit
+    halved = plan.recommend(config, sliced - 1, **run_flags, micro_batch=8)
+    assert halved["micro_batch"] == 4 and halved["device"] <= sliced - 1
+
+
 def test_run_line_for_the_launcher(tmp_path):
     config = plan.load_config(str(_tiny_config_file(tmp_path / "config.json")))
     common = dict(stage=3, offload=False, world_size=2, max_seq_length=128, micro_batch=4, precision="bf16",
@@ -268,7 +304,7 @@ def test_run_line_for_the_launcher(tmp_path):
                                               precision="bf16", task=task, num_frozen_layers=1, methods=("meft",),
                                               **chunks) if r["stage"] == 3)
 
-    sliced = plan.run_line(config, method="meft", meft_config=dict(meft, attention_chunks=2), **common)
-    assert f"{zero3_row('causal_lm', attention_chunks=2)['device'] / 2**20:.2f} MiB per rank" in sliced
+    sliced = plan.run_line(config, method="meft", meft_config=dict(meft, attention_chunks=2, ffn_chunks=4), **common)
+    assert f"{zero3_row('causal_lm', attention_chunks=2, ffn_chunks=4)['device'] / 2**20:.2f} MiB per rank" in sliced
     assert (zero3_row("classification", attention_chunks=2)["activations"]
             < zero3_row("classification")["activations"])
